@@ -1,0 +1,33 @@
+"""qattn: plug-and-play quantized attention (SageAttention, SageAttention2) for PyTorch."""
+
+__version__ = "0.1.0"
+
+from . import metrics, reference
+from .api import TensorLayout, default_preset, sageattn, sdpa, set_default_preset
+from .presets import (
+    PRESETS,
+    Granularity,
+    PVAccum,
+    PVDtype,
+    QKDtype,
+    QuantConfig,
+    get_preset,
+)
+
+__all__ = [
+    "__version__",
+    "sageattn",
+    "sdpa",
+    "TensorLayout",
+    "default_preset",
+    "set_default_preset",
+    "QuantConfig",
+    "QKDtype",
+    "Granularity",
+    "PVDtype",
+    "PVAccum",
+    "PRESETS",
+    "get_preset",
+    "metrics",
+    "reference",
+]

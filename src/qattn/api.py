@@ -1,0 +1,314 @@
+"""Public entry points: :func:`sageattn` (SageAttention's call shape) and :func:`sdpa`
+(torch's ``scaled_dot_product_attention`` contract).
+
+Dispatch: CUDA tensors go to the Triton kernels when they support the case; CPU
+tensors, and cases the kernels do not cover, run :mod:`qattn.reference` (the same
+algorithm in plain PyTorch). :func:`sdpa` instead falls back to torch's own SDPA for
+what the quantized path cannot do, and logs why once per reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from enum import Enum
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .presets import QuantConfig, resolve_config
+
+__all__ = ["TensorLayout", "sageattn", "sdpa", "default_preset", "set_default_preset"]
+
+logger = logging.getLogger("qattn")
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+class TensorLayout(str, Enum):
+    """Memory layout of 4-D attention inputs."""
+
+    HND = "HND"  # [batch, heads, tokens, head_dim]
+    NHD = "NHD"  # [batch, tokens, heads, head_dim]
+
+
+_default_override: str | QuantConfig | None = None
+
+
+def set_default_preset(preset: str | QuantConfig | None) -> None:
+    """Choose the preset used when a call names none (``None`` restores the automatic choice)."""
+    global _default_override
+    if preset is not None:
+        resolve_config(preset, "sage2-8b")  # validate now, not at the next call
+    _default_override = preset
+
+
+def default_preset(device: torch.device | str | None = None) -> str | QuantConfig:
+    """The preset a call on ``device`` uses when it names none.
+
+    ``sage2-8b`` on the CPU (reference path) and on GPUs with FP8 tensor cores
+    (compute capability 8.9 and newer); ``sage1`` on older GPUs.
+    """
+    if _default_override is not None:
+        return _default_override
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return "sage1"
+    return "sage2-8b"
+
+
+def _kernel_skip_reason(q, k, v, config: QuantConfig) -> str | None:
+    """None when the Triton kernels can run this call, else why not."""
+    if q.device.type != "cuda":
+        return f"device {q.device.type!r} has no Triton kernels"
+    capability = torch.cuda.get_device_capability(q.device)
+    if capability < (8, 0):
+        return f"compute capability {capability} < (8, 0)"
+    if config.pv_dtype.value == "fp8" and capability < (8, 9):
+        return f"FP8 P~V needs compute capability >= (8, 9), this GPU has {capability}"
+    try:
+        from . import kernels
+    except ImportError as err:  # triton missing or too old
+        return f"Triton kernels unavailable ({err})"
+    return kernels.supports(config, q, k, v)
+
+
+_logged_reasons: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged_reasons:
+        _logged_reasons.add(message)
+        logger.warning(message)
+
+
+def _quantized_attention(q, k, v, config, sm_scale, causal_offset, return_lse, nhd):
+    """Run the kernels or the reference on HND views q, k, v; the output comes back in
+    the caller's layout ([B, N, H, Dv] when ``nhd``), LSE as [B, H, Nq] or None."""
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    batch, heads, nq, _ = q.shape
+    reason = _kernel_skip_reason(q, k, v, config)
+    if reason is None:
+        from . import kernels
+
+        if nhd:
+            out = q.new_empty(batch, nq, heads, v.shape[-1])
+            out_hnd = out.transpose(1, 2)
+        else:
+            out = out_hnd = q.new_empty(batch, heads, nq, v.shape[-1])
+        _, lse = kernels.attention_forward(
+            q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset,
+            return_lse=return_lse, out=out_hnd,
+        )
+        return out, lse
+    if q.device.type == "cuda":
+        _log_once(f"qattn: running the PyTorch reference on the GPU (slow): {reason}")
+    result = reference.sage_attention(
+        q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset, return_lse=return_lse
+    )
+    out, lse = result if return_lse else (result, None)
+    return (out.transpose(1, 2).contiguous() if nhd else out), lse
+
+
+def _check_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name}: expected a 4-D tensor ([B, H, N, D] for tensor_layout='HND', "
+            f"[B, N, H, D] for 'NHD'), got shape {tuple(x.shape)}"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name}: dtype {x.dtype} is not supported; accepted: torch.float16, "
+            "torch.bfloat16, torch.float32"
+        )
+
+
+def sageattn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tensor_layout: str = "HND",
+    is_causal: bool = False,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    **options,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Quantized attention with the original SageAttention's call shape.
+
+    Args:
+        q: queries, [B, Hq, Nq, D] ("HND") or [B, Nq, Hq, D] ("NHD").
+        k: keys, [B, Hkv, Nk, D] or [B, Nk, Hkv, D]; Hq must be a multiple of Hkv
+            (GQA/MQA: query head h uses K/V head h // (Hq // Hkv)).
+        v: values, same shape as k except its head dim Dv may differ from D.
+        tensor_layout: "HND" or "NHD" (both via strides; no copies).
+        is_causal: causal mask aligned to the bottom-right corner: query i attends to
+            key j iff j <= i + (Nk - Nq). With Nq == Nk this is the usual lower
+            triangle; with Nq < Nk it is a chunk of new queries appended after a KV
+            cache. Query rows with no visible key (Nq > Nk) give zeros.
+        sm_scale: score scale; default 1 / sqrt(D).
+        return_lse: also return the log-sum-exp of each row (natural log, fp32),
+            [B, Hq, Nq] whatever the layout.
+        **options: ``preset`` (a name from ``qattn.PRESETS`` or a ``QuantConfig``;
+            default: :func:`default_preset`), any ``QuantConfig`` field to override, or
+            the original's ``qk_quant_gran`` / ``pv_accum_dtype`` / ``smooth_k`` /
+            ``smooth_v``.
+
+    Returns:
+        O in the layout and dtype of q ([.., Dv] last), and LSE if ``return_lse``.
+
+    fp16, bf16 and fp32 inputs are accepted (fp32 is quantized like the others).
+    Inputs that require grad while grad mode is on are refused: the quantized
+    kernels have no backward pass (use :func:`sdpa`, which falls back).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+    try:
+        layout = TensorLayout(tensor_layout)
+    except ValueError:
+        raise ValueError(
+            f"tensor_layout: got {tensor_layout!r}; accepted: 'HND', 'NHD'"
+        ) from None
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal: expected True or False, got {is_causal!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected True or False, got {return_lse!r}")
+    if sm_scale is not None and (
+        isinstance(sm_scale, bool) or not isinstance(sm_scale, Real) or not math.isfinite(sm_scale)
+    ):
+        raise TypeError(f"sm_scale: expected a finite number or None, got {sm_scale!r}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"k, v: dtypes must equal q's ({q.dtype}); got k {k.dtype}, v {v.dtype}"
+        )
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(
+            f"k, v: must be on q's device ({q.device}); got k on {k.device}, v on {v.device}"
+        )
+
+    if layout is TensorLayout.NHD:
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    else:
+        qh, kh, vh = q, k, v
+    batch, num_q_heads, _, head_dim = qh.shape
+    dims = "[B, N, H, D]" if layout is TensorLayout.NHD else "[B, H, N, D]"
+    if kh.shape[0] != batch or vh.shape[0] != batch:
+        raise ValueError(f"k, v: batch size must equal q's ({batch}); shapes are {dims} "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if kh.shape[:3] != vh.shape[:3]:
+        raise ValueError(f"v: must match k in batch, heads and tokens ({dims}); "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if kh.shape[-1] != head_dim:
+        raise ValueError(f"k: head dim must equal q's ({head_dim}); got {kh.shape[-1]} "
+                         f"(shapes are {dims})")
+    num_kv_heads = kh.shape[1]
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"k, v: number of heads ({num_kv_heads}) must divide q's ({num_q_heads}); "
+            f"shapes are {dims}, tensor_layout={layout.value!r}"
+        )
+    if not 1 <= head_dim <= MAX_HEAD_DIM or vh.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"q, k, v: head dims must be in 1..{MAX_HEAD_DIM}; got D={head_dim}, "
+                         f"Dv={vh.shape[-1]}")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError(
+            "q, k, v: inputs require grad, but quantized attention has no backward pass; "
+            "call it under torch.no_grad()/inference_mode, detach the inputs, or use "
+            "qattn.sdpa, which falls back to torch's SDPA for training"
+        )
+
+    preset = options.pop("preset", None)
+    config = resolve_config(preset, default_preset(q.device), **options)
+    causal_offset = kh.shape[2] - qh.shape[2] if is_causal else None
+
+    out, lse = _quantized_attention(qh, kh, vh, config, sm_scale, causal_offset, return_lse,
+                                    nhd=layout is TensorLayout.NHD)
+    return (out, lse) if return_lse else out
+
+
+def sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in replacement for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Same arguments, shapes and semantics as torch's: query [..., Hq, L, E], key
+    [..., Hkv, S, E], value [..., Hkv, S, Ev]; ``is_causal`` is torch's top-left
+    aligned mask (query i sees key j iff j <= i). Calls the quantized path with the
+    default preset (:func:`set_default_preset`) when it can, and otherwise torch's
+    SDPA, logging the reason once: dropout, inputs requiring grad, dtypes other than
+    fp16/bf16/fp32, devices other than CPU/CUDA, non-3/4-D or broadcast shapes,
+    an ``attn_mask`` on CUDA (the kernels take no mask yet; the CPU reference does).
+    """
+    reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if reason is not None:
+        _log_once(f"qattn.sdpa: using torch SDPA: {reason}")
+        kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, **kwargs,
+        )
+
+    squeeze = query.dim() == 3
+    q, k, v = (x.unsqueeze(1) if squeeze else x for x in (query, key, value))
+    config = resolve_config(None, default_preset(q.device))
+    causal_offset = 0 if is_causal else None
+    if attn_mask is not None:
+        mask = attn_mask.unsqueeze(1) if squeeze and attn_mask.dim() == 3 else attn_mask
+        result = reference.sage_attention(
+            q, k, v, config, sm_scale=scale, causal_offset=causal_offset, attn_mask=mask
+        )
+    else:
+        result, _ = _quantized_attention(q, k, v, config, scale, causal_offset, False, nhd=False)
+    return result.squeeze(1) if squeeze else result
+
+
+def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    """Why :func:`sdpa` cannot take the quantized path, or None."""
+    tensors = (query, key, value)
+    if not all(isinstance(x, torch.Tensor) for x in tensors):
+        return "non-tensor inputs"
+    if dropout_p:
+        return f"dropout_p={dropout_p} (the quantized path has no dropout)"
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return "inputs require grad (the quantized path has no backward)"
+    if any(x.dtype not in SUPPORTED_DTYPES for x in tensors) or len({x.dtype for x in tensors}) > 1:
+        return f"dtypes {[str(x.dtype) for x in tensors]} (need one of fp16/bf16/fp32)"
+    if query.device.type not in ("cpu", "cuda") or any(x.device != query.device for x in tensors):
+        return f"devices {[str(x.device) for x in tensors]}"
+    if query.dim() not in (3, 4) or any(x.dim() != query.dim() for x in tensors):
+        return f"ranks {[x.dim() for x in tensors]} (need all 3-D or all 4-D)"
+    if is_causal and attn_mask is not None:
+        return "both attn_mask and is_causal (torch decides what that means)"
+    if query.shape[0] != key.shape[0] or key.shape[:-1] != value.shape[:-1]:
+        return "batch shapes differ (broadcasting is left to torch)"
+    if query.shape[-1] != key.shape[-1] or query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
+        return f"head dims q {query.shape[-1]}, k {key.shape[-1]}, v {value.shape[-1]}"
+    if query.dim() == 4:
+        hq, hkv = query.shape[1], key.shape[1]
+        if hq != hkv and not (enable_gqa and hkv > 0 and hq % hkv == 0):
+            return f"heads q {hq}, kv {hkv} (torch decides; GQA needs enable_gqa=True)"
+    if attn_mask is not None:
+        if query.device.type == "cuda":
+            return "attn_mask on CUDA (the kernels take no mask yet)"
+        target = (*query.shape[:-1], key.shape[-2])
+        try:
+            torch.broadcast_shapes(attn_mask.shape, target)
+        except RuntimeError:
+            return f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {target}"
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in SUPPORTED_DTYPES:
+            return f"attn_mask dtype {attn_mask.dtype}"
+    if query.numel() == 0 or key.numel() == 0:
+        return "empty tensors"
+    return None

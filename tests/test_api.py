@@ -1,0 +1,188 @@
+"""The public API on the CPU: layouts, GQA, LSE, presets, validation, sdpa fallback."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_qkv
+
+import qattn
+from qattn import PRESETS, QuantConfig, sageattn, sdpa
+from qattn.metrics import accuracy
+from qattn.reference import exact_attention, sage_attention
+
+
+@pytest.fixture(autouse=True)
+def _reset_default_preset():
+    yield
+    qattn.set_default_preset(None)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_sageattn_hnd_equals_reference(is_causal, hkv):
+    q, k, v = make_qkv(2, 4, hkv, 33, 70, 64, seed=hkv)
+    out, lse = sageattn(q, k, v, is_causal=is_causal, return_lse=True)
+    ref, ref_lse = sage_attention(q, k, v, PRESETS["sage2-8b"], return_lse=True,
+                                  causal_offset=70 - 33 if is_causal else None)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    assert lse.shape == (2, 4, 33) and lse.dtype == torch.float32
+
+
+def test_sageattn_nhd_matches_hnd():
+    q, k, v = make_qkv(2, 4, 2, 50, 50, 32, seed=1)
+    out_hnd = sageattn(q, k, v, tensor_layout="HND", is_causal=True)
+    out_nhd, lse = sageattn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                            tensor_layout="NHD", is_causal=True, return_lse=True)
+    assert out_nhd.shape == (2, 50, 4, 32) and lse.shape == (2, 4, 50)
+    assert torch.equal(out_nhd.transpose(1, 2), out_hnd)
+
+
+def test_sageattn_bottom_right_causal_is_chunked_prefill():
+    """A chunk of new queries at the end of a KV cache equals the tail of the full call."""
+    q, k, v = make_qkv(1, 2, 2, 200, 200, 64, seed=2)
+    full = sageattn(q, k, v, is_causal=True, preset="sage1")
+    chunk = sageattn(q[:, :, 150:], k, v, is_causal=True, preset="sage1")
+    ref, _ = exact_attention(q, k, v, causal_offset=0)
+    assert accuracy(chunk, ref[:, :, 150:])["cosine"] > 0.9995
+    assert accuracy(chunk, full[:, :, 150:])["cosine"] > 0.9995
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_by_name_and_by_config(preset):
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 64, seed=3)
+    by_name = sageattn(q, k, v, preset=preset)
+    by_config = sageattn(q, k, v, preset=QuantConfig(**{
+        f: getattr(PRESETS[preset], f) for f in ("qk_dtype", "granularity", "smooth_k", "smooth_q",
+                                                  "pv_dtype", "pv_accum", "smooth_v")}))
+    assert torch.equal(by_name, by_config)
+
+
+def test_options_override_preset_fields_and_original_names():
+    q, k, v = make_qkv(1, 2, 2, 40, 80, 64, k_bias=4.0, seed=4)
+    got = sageattn(q, k, v, preset="sage2-8b", smooth_k=False, qk_quant_gran="per_thread")
+    want = sage_attention(q, k, v, PRESETS["sage2-8b"].replace(smooth_k=False, granularity="token"))
+    assert torch.equal(got, want)
+    got = sageattn(q, k, v, preset="sage1", pv_accum_dtype="fp32")
+    assert torch.equal(got, sage_attention(q, k, v, PRESETS["sage1"].replace(pv_accum="fp32")))
+
+
+def test_set_default_preset():
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 64, seed=5)
+    qattn.set_default_preset("sage1")
+    assert torch.equal(sageattn(q, k, v), sageattn(q, k, v, preset="sage1"))
+    assert torch.equal(sdpa(q, k, v), sageattn(q, k, v, preset="sage1"))
+    with pytest.raises(ValueError, match="preset"):
+        qattn.set_default_preset("sage3")
+
+
+def test_fp32_inputs_and_dv_differs():
+    q, k, v = make_qkv(1, 2, 2, 30, 60, 64, dv=40, dtype=torch.float32, seed=6)
+    out = sageattn(q, k, v)
+    ref, _ = exact_attention(q, k, v)
+    assert out.shape == (1, 2, 30, 40) and out.dtype == torch.float32
+    assert accuracy(out, ref)["cosine"] > 0.999
+
+
+def test_inputs_requiring_grad_are_refused_but_fine_under_no_grad():
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 32)
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match="require grad"):
+        sageattn(q, k, v)
+    with torch.no_grad():
+        assert sageattn(q, k, v).shape == q.shape
+
+
+# -- validation: each error names the argument, what was given and what is accepted --
+
+def _good():
+    return list(make_qkv(1, 4, 2, 8, 8, 32))
+
+
+@pytest.mark.parametrize("change,exc,pattern", [
+    (lambda a: a.update(q=a["q"].double()), TypeError, r"q: dtype torch.float64 .*accepted"),
+    (lambda a: a.update(k=a["k"].half()), TypeError, r"k, v: dtypes must equal q's"),
+    (lambda a: a.update(v=a["v"][0]), ValueError, r"v: expected a 4-D tensor"),
+    (lambda a: a.update(q=a["q"].tolist()), TypeError, r"q: expected a torch.Tensor"),
+    (lambda a: a.update(tensor_layout="BHND"), ValueError, r"tensor_layout: got 'BHND'; accepted: 'HND', 'NHD'"),
+    (lambda a: a.update(q=a["q"][:, :3]), ValueError, r"number of heads \(2\) must divide q's \(3\)"),
+    (lambda a: a.update(k=a["k"][..., :16], v=a["v"][..., :16]), ValueError, r"k: head dim must equal q's \(32\)"),
+    (lambda a: a.update(v=a["v"][:, :, :5]), ValueError, r"v: must match k"),
+    (lambda a: a.update(k=a["k"].expand(2, -1, -1, -1), v=a["v"].expand(2, -1, -1, -1)), ValueError, r"batch size"),
+    (lambda a: a.update(k=a["k"].to("meta")), ValueError, r"k, v: must be on q's device"),
+    (lambda a: a.update(preset="sage3"), ValueError, r"preset: got 'sage3'; accepted: 'sage1'"),
+    (lambda a: a.update(qk_bits=4), TypeError, r"unexpected option\(s\) 'qk_bits'"),
+    (lambda a: a.update(granularity="row"), ValueError, r"granularity: got 'row'"),
+    (lambda a: a.update(qk_quant_gran="per_row"), ValueError, r"qk_quant_gran: got 'per_row'"),
+    (lambda a: a.update(is_causal=1), TypeError, r"is_causal: expected True or False"),
+    (lambda a: a.update(sm_scale="0.1"), TypeError, r"sm_scale: expected a finite number"),
+    (lambda a: a.update(sm_scale=float("nan")), TypeError, r"sm_scale"),
+    (lambda a: a.update(**dict(zip("qkv", make_qkv(1, 2, 2, 4, 4, 300)))), ValueError, r"head dims must be in 1..256"),
+])
+def test_validation_errors(change, exc, pattern):
+    q, k, v = _good()
+    args = {"q": q, "k": k, "v": v}
+    change(args)
+    with pytest.raises(exc, match=pattern):
+        sageattn(**args)
+
+
+# -- sdpa: torch's contract --
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_is_quantized_with_top_left_causal(is_causal):
+    q, k, v = make_qkv(2, 4, 4, 60, 90, 64, seed=8)
+    out = sdpa(q, k, v, is_causal=is_causal)
+    want = sage_attention(q, k, v, PRESETS["sage2-8b"], causal_offset=0 if is_causal else None)
+    assert torch.equal(out, want)
+    torch_out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=is_causal)
+    assert accuracy(out, torch_out)["cosine"] > 0.999
+
+
+def test_sdpa_gqa_3d_scale_and_mask():
+    q, k, v = make_qkv(2, 4, 2, 40, 50, 32, seed=9)
+    out = sdpa(q, k, v, enable_gqa=True, scale=0.3)
+    torch_out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True, scale=0.3)
+    assert accuracy(out, torch_out)["cosine"] > 0.999
+    out3 = sdpa(q[:, 0], k[:, 0], v[:, 0])
+    assert out3.shape == (2, 40, 32)
+    assert torch.equal(out3, sdpa(q[:, :1], k[:, :1], v[:, :1])[:, 0])
+    mask = torch.rand(2, 1, 40, 50, generator=torch.Generator().manual_seed(0)) > 0.5
+    out = sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch_out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    assert accuracy(out, torch_out)["cosine"] > 0.999
+
+
+@pytest.mark.parametrize("case", ["dropout", "grad", "float64", "rank5", "gqa_without_flag"])
+def test_sdpa_falls_back_to_torch_and_says_why_once(case, caplog):
+    q, k, v = make_qkv(1, 4, 4, 16, 16, 32, dtype=torch.float32, seed=10)
+    kwargs = {}
+    if case == "dropout":
+        kwargs["dropout_p"] = 0.5
+    elif case == "grad":
+        q.requires_grad_(True)
+    elif case == "float64":
+        q, k, v = q.double(), k.double(), v.double()
+    elif case == "rank5":
+        q, k, v = q[None], k[None], v[None]
+    else:
+        k, v = k[:, :2], v[:, :2]
+    qattn.api._logged_reasons.clear()
+    with caplog.at_level(logging.WARNING, logger="qattn"):
+        torch.manual_seed(0)
+        if case == "gqa_without_flag":
+            with pytest.raises(RuntimeError):  # torch's own error, as without qattn
+                F.scaled_dot_product_attention(q, k, v)
+            with pytest.raises(RuntimeError):
+                sdpa(q, k, v)
+            return
+        out = sdpa(q, k, v, **kwargs)
+        sdpa(q, k, v, **kwargs)
+    torch.manual_seed(0)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, **kwargs))
+    messages = [r.getMessage() for r in caplog.records if "using torch SDPA" in r.getMessage()]
+    assert len(messages) == 1, messages
+    if case == "grad":
+        out.sum().backward()
+        assert q.grad is not None
