@@ -168,7 +168,7 @@ def test_sdpa_falls_back_to_torch_and_says_why_once(case, caplog):
         q, k, v = q[None], k[None], v[None]
     else:
         k, v = k[:, :2], v[:, :2]
-    qattn.api._logged_reasons.clear()
+    qattn.ops._logged.clear()
     with caplog.at_level(logging.WARNING, logger="qattn"):
         torch.manual_seed(0)
         if case == "gqa_without_flag":

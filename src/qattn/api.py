@@ -9,7 +9,6 @@ what the quantized path cannot do, and logs why once per reason.
 
 from __future__ import annotations
 
-import logging
 import math
 from enum import Enum
 from numbers import Real
@@ -17,12 +16,11 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import ops
 from .presets import QuantConfig, resolve_config
 
 __all__ = ["TensorLayout", "sageattn", "sdpa", "default_preset", "set_default_preset"]
 
-logger = logging.getLogger("qattn")
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -60,58 +58,11 @@ def default_preset(device: torch.device | str | None = None) -> str | QuantConfi
     return "sage2-8b"
 
 
-def _kernel_skip_reason(q, k, v, config: QuantConfig) -> str | None:
-    """None when the Triton kernels can run this call, else why not."""
-    if q.device.type != "cuda":
-        return f"device {q.device.type!r} has no Triton kernels"
-    capability = torch.cuda.get_device_capability(q.device)
-    if capability < (8, 0):
-        return f"compute capability {capability} < (8, 0)"
-    if config.pv_dtype.value == "fp8" and capability < (8, 9):
-        return f"FP8 P~V needs compute capability >= (8, 9), this GPU has {capability}"
-    try:
-        from . import kernels
-    except ImportError as err:  # triton missing or too old
-        return f"Triton kernels unavailable ({err})"
-    return kernels.supports(config, q, k, v)
-
-
-_logged_reasons: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _logged_reasons:
-        _logged_reasons.add(message)
-        logger.warning(message)
-
-
-def _quantized_attention(q, k, v, config, sm_scale, causal_offset, return_lse, nhd):
-    """Run the kernels or the reference on HND views q, k, v; the output comes back in
-    the caller's layout ([B, N, H, Dv] when ``nhd``), LSE as [B, H, Nq] or None."""
+def _quantized_attention(q, k, v, config, sm_scale, causal_offset, return_lse, nhd, attn_mask=None):
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    batch, heads, nq, _ = q.shape
-    reason = _kernel_skip_reason(q, k, v, config)
-    if reason is None:
-        from . import kernels
-
-        if nhd:
-            out = q.new_empty(batch, nq, heads, v.shape[-1])
-            out_hnd = out.transpose(1, 2)
-        else:
-            out = out_hnd = q.new_empty(batch, heads, nq, v.shape[-1])
-        _, lse = kernels.attention_forward(
-            q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset,
-            return_lse=return_lse, out=out_hnd,
-        )
-        return out, lse
-    if q.device.type == "cuda":
-        _log_once(f"qattn: running the PyTorch reference on the GPU (slow): {reason}")
-    result = reference.sage_attention(
-        q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset, return_lse=return_lse
-    )
-    out, lse = result if return_lse else (result, None)
-    return (out.transpose(1, 2).contiguous() if nhd else out), lse
+    return ops.attention(q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset,
+                         attn_mask=attn_mask, return_lse=return_lse, out_nhd=nhd)
 
 
 def _check_tensor(name: str, x) -> None:
@@ -253,7 +204,7 @@ def sdpa(
     """
     reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is not None:
-        _log_once(f"qattn.sdpa: using torch SDPA: {reason}")
+        ops.log_once(f"qattn.sdpa: using torch SDPA: {reason}")
         kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
@@ -264,13 +215,11 @@ def sdpa(
     q, k, v = (x.unsqueeze(1) if squeeze else x for x in (query, key, value))
     config = resolve_config(None, default_preset(q.device))
     causal_offset = 0 if is_causal else None
-    if attn_mask is not None:
-        mask = attn_mask.unsqueeze(1) if squeeze and attn_mask.dim() == 3 else attn_mask
-        result = reference.sage_attention(
-            q, k, v, config, sm_scale=scale, causal_offset=causal_offset, attn_mask=mask
-        )
-    else:
-        result, _ = _quantized_attention(q, k, v, config, scale, causal_offset, False, nhd=False)
+    mask = attn_mask
+    if mask is not None:
+        mask = mask.unsqueeze(1) if squeeze and mask.dim() == 3 else mask
+    result, _ = _quantized_attention(q, k, v, config, scale, causal_offset, False, nhd=False,
+                                     attn_mask=mask)
     return result.squeeze(1) if squeeze else result
 
 

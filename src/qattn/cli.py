@@ -29,7 +29,7 @@ def _device(name: str) -> torch.device:
 
 def info_dict() -> dict:
     """What runs here: versions, GPU, which presets take the Triton kernels."""
-    from .api import _kernel_skip_reason
+    from .ops import kernel_skip_reason
 
     try:
         import triton
@@ -53,7 +53,7 @@ def info_dict() -> dict:
         result["compute_capability"] = list(torch.cuda.get_device_capability())
         probe = torch.empty(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16)
         for name, config in PRESETS.items():
-            reason = _kernel_skip_reason(probe, probe, probe, config)
+            reason = kernel_skip_reason(probe, probe, probe, config)
             result["presets"][name] = "Triton kernel" if reason is None else f"reference ({reason})"
     else:
         for name in PRESETS:

@@ -132,6 +132,9 @@ class QuantConfig:
         return dataclasses.replace(self, **changes)
 
 
+# A constant (not computed per call) so torch.compile traces resolve_config.
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(QuantConfig))
+
 PRESETS: dict[str, QuantConfig] = {
     # SageAttention v1: INT8 QK per block, smooth K, FP16 P~V with fp16 block accumulation.
     "sage1": QuantConfig(
@@ -202,7 +205,7 @@ def resolve_config(preset: str | QuantConfig | None, default: str, **options) ->
             )
         options["pv_accum"] = _ORIGINAL_PV_ACCUM[value]
 
-    fields = {f.name for f in dataclasses.fields(QuantConfig)}
+    fields = _FIELD_NAMES
     unknown = sorted(set(options) - fields)
     if unknown:
         raise TypeError(

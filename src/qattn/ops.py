@@ -1,0 +1,127 @@
+"""The ``torch.library`` layer: quantized attention as one custom op, ``qattn::attention``.
+
+Being an opaque op with a fake (meta) implementation lets ``torch.compile`` trace
+through ``qattn.sageattn`` / ``qattn.sdpa`` without a graph break and lets the
+Triton launches be captured in CUDA graphs. Inside, it runs the Triton kernels when
+they support the call and the PyTorch reference otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from . import reference
+from .presets import QuantConfig
+
+__all__ = ["attention", "kernel_skip_reason"]
+
+logger = logging.getLogger("qattn")
+_logged: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """Log ``message`` on the ``qattn`` logger the first time it is seen."""
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning(message)
+
+
+def kernel_skip_reason(q, k, v, config: QuantConfig, attn_mask=None) -> str | None:
+    """None when the Triton kernels can run this call, else why not."""
+    if q.device.type != "cuda":
+        return f"device {q.device.type!r} has no Triton kernels"
+    if attn_mask is not None:
+        return "attn_mask (the kernels take no mask yet)"
+    capability = torch.cuda.get_device_capability(q.device)
+    if capability < (8, 0):
+        return f"compute capability {capability} < (8, 0)"
+    if config.pv_dtype.value == "fp8" and capability < (8, 9):
+        return f"FP8 P~V needs compute capability >= (8, 9), this GPU has {capability}"
+    try:
+        from . import kernels
+    except ImportError as err:  # triton missing or too old
+        return f"Triton kernels unavailable ({err})"
+    return kernels.supports(config, q, k, v)
+
+
+@torch.library.custom_op("qattn::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    qk_dtype: str,
+    granularity: str,
+    smooth_k: bool,
+    smooth_q: bool,
+    pv_dtype: str,
+    pv_accum: str,
+    smooth_v: bool,
+    sm_scale: float,
+    causal_offset: Optional[int],
+    return_lse: bool,
+    out_nhd: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    config = QuantConfig(qk_dtype, granularity, smooth_k, smooth_q, pv_dtype, pv_accum, smooth_v)
+    batch, heads, nq, _ = q.shape
+    reason = kernel_skip_reason(q, k, v, config, attn_mask)
+    if reason is None:
+        from . import kernels
+
+        if out_nhd:
+            out = q.new_empty(batch, nq, heads, v.shape[-1])
+            out_hnd = out.transpose(1, 2)
+        else:
+            out = out_hnd = q.new_empty(batch, heads, nq, v.shape[-1])
+        _, lse = kernels.attention_forward(
+            q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset,
+            return_lse=return_lse, out=out_hnd,
+        )
+        return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
+
+    if q.device.type == "cuda":
+        log_once(f"qattn: running the PyTorch reference on the GPU (slow): {reason}")
+    out, lse = reference.sage_attention(
+        q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset,
+        attn_mask=attn_mask, return_lse=True,
+    )
+    out = out.transpose(1, 2).contiguous() if out_nhd else out
+    return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
+
+
+@_attention_op.register_fake
+def _(q, k, v, attn_mask, qk_dtype, granularity, smooth_k, smooth_q, pv_dtype, pv_accum,
+      smooth_v, sm_scale, causal_offset, return_lse, out_nhd):
+    batch, heads, nq, _ = q.shape
+    shape = (batch, nq, heads, v.shape[-1]) if out_nhd else (batch, heads, nq, v.shape[-1])
+    lse = q.new_empty((batch, heads, nq) if return_lse else (0,), dtype=torch.float32)
+    return q.new_empty(shape), lse
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: QuantConfig,
+    *,
+    sm_scale: float,
+    causal_offset: int | None = None,
+    attn_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+    out_nhd: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Quantized attention on HND views q [B,Hq,Nq,D], k [B,Hkv,Nk,D], v [B,Hkv,Nk,Dv].
+
+    Returns O ([B,Nq,Hq,Dv] if ``out_nhd`` else [B,Hq,Nq,Dv], q's dtype) and the
+    natural-log LSE [B,Hq,Nq] (fp32) or None. Masking as in
+    :func:`qattn.reference.sage_attention`.
+    """
+    out, lse = _attention_op(
+        q, k, v, attn_mask, config.qk_dtype.value, config.granularity.value, config.smooth_k,
+        config.smooth_q, config.pv_dtype.value, config.pv_accum.value, config.smooth_v,
+        float(sm_scale), causal_offset, return_lse, out_nhd,
+    )
+    return out, (lse if return_lse else None)
