@@ -186,3 +186,22 @@ def test_sdpa_falls_back_to_torch_and_says_why_once(case, caplog):
     if case == "grad":
         out.sum().backward()
         assert q.grad is not None
+
+
+def test_monkey_patching_torch_with_sdpa_does_not_recurse_on_fallback(monkeypatch):
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 32, dtype=torch.float32, seed=11)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    torch.manual_seed(0)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)  # falls back to torch
+    torch.manual_seed(0)
+    assert torch.equal(out, qattn.api._torch_sdpa(q, k, v, dropout_p=0.3))
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, preset="sage1"),
+                       sageattn(q, k, v, preset="sage1", is_causal=False))
+
+
+def test_default_preset_may_be_a_config():
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 64, seed=12)
+    config = QuantConfig(granularity="token", smooth_v=True)
+    qattn.set_default_preset(config)
+    assert torch.equal(sdpa(q, k, v), sage_attention(q, k, v, config))
+    assert torch.equal(sageattn(q, k, v), sage_attention(q, k, v, config))

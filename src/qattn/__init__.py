@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from . import metrics, reference
 from .api import TensorLayout, default_preset, sageattn, sdpa, set_default_preset
+from .patch import PatchReport, SDPAPatch, is_sdpa_patched, patch_sdpa
 from .presets import (
     PRESETS,
     Granularity,
@@ -21,6 +22,10 @@ __all__ = [
     "TensorLayout",
     "default_preset",
     "set_default_preset",
+    "patch_sdpa",
+    "SDPAPatch",
+    "PatchReport",
+    "is_sdpa_patched",
     "QuantConfig",
     "QKDtype",
     "Granularity",

@@ -23,6 +23,10 @@ __all__ = ["TensorLayout", "sageattn", "sdpa", "default_preset", "set_default_pr
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# torch's own function, captured at import: fallbacks call it directly, so assigning
+# ``F.scaled_dot_product_attention = qattn.sdpa`` cannot make a fallback recurse.
+_torch_sdpa = F.scaled_dot_product_attention
 MAX_HEAD_DIM = 256
 
 
@@ -191,6 +195,8 @@ def sdpa(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    *,
+    preset: str | QuantConfig | None = None,
 ) -> torch.Tensor:
     """Drop-in replacement for ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -201,19 +207,22 @@ def sdpa(
     SDPA, logging the reason once: dropout, inputs requiring grad, dtypes other than
     fp16/bf16/fp32, devices other than CPU/CUDA, non-3/4-D or broadcast shapes,
     an ``attn_mask`` on CUDA (the kernels take no mask yet; the CPU reference does).
+    Fallbacks call torch's original function, captured when qattn was imported.
+
+    ``preset`` (keyword-only, beyond torch's contract) picks the preset for this call.
     """
     reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is not None:
         ops.log_once(f"qattn.sdpa: using torch SDPA: {reason}")
         kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
-        return F.scaled_dot_product_attention(
+        return _torch_sdpa(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
             is_causal=is_causal, scale=scale, **kwargs,
         )
 
     squeeze = query.dim() == 3
     q, k, v = (x.unsqueeze(1) if squeeze else x for x in (query, key, value))
-    config = resolve_config(None, default_preset(q.device))
+    config = resolve_config(preset, default_preset(q.device))
     causal_offset = 0 if is_causal else None
     mask = attn_mask
     if mask is not None:

@@ -13,7 +13,6 @@ import argparse
 import json
 import re
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch

@@ -176,7 +176,9 @@ _ORIGINAL_GRANULARITY = {"per_warp": "warp", "per_thread": "token", "per_block":
 _ORIGINAL_PV_ACCUM = {"fp32": "fp32", "fp32+fp32": "fp32", "fp32+fp16": "fp32", "fp16": "fp16"}
 
 
-def resolve_config(preset: str | QuantConfig | None, default: str, **options) -> QuantConfig:
+def resolve_config(
+    preset: str | QuantConfig | None, default: str | QuantConfig, **options
+) -> QuantConfig:
     """Turn ``sageattn``'s ``preset=`` and keyword options into one QuantConfig.
 
     ``options`` may name any QuantConfig field, or the original SageAttention's
@@ -184,8 +186,8 @@ def resolve_config(preset: str | QuantConfig | None, default: str, **options) ->
     ('fp32', 'fp32+fp32', 'fp16'). Anything else is a TypeError naming it.
     """
     if preset is None:
-        config = get_preset(default)
-    elif isinstance(preset, QuantConfig):
+        preset = default
+    if isinstance(preset, QuantConfig):
         config = preset
     else:
         config = get_preset(preset)

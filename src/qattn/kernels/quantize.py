@@ -9,7 +9,7 @@ program ``(bh, 1)`` its V. Each walks its tokens twice:
 * pass 2 writes the quantized tensor.
 
 Outputs (all padded: tokens up to ``nk_pad``, a multiple of 128, channels up to ``dpad``,
-the next power of two >= 16; padding holds zeros so the attention kernel needs no load
+the next power of two >= 32; padding holds zeros so the attention kernel needs no load
 masks):
 
 * ``k_q`` int8 [B, Hkv, nk_pad, dpad]: ``floor((k - mean) * (127 / amax) + 0.5)``, one
@@ -38,11 +38,13 @@ from ..presets import PVDtype, QuantConfig
 __all__ = ["QuantizedKV", "quantize_kv", "padded_head_dim", "padded_kv_len", "KV_PAD"]
 
 KV_PAD = 128  # K/V token buffers are padded to a multiple of this (the largest BLOCK_N)
+_QUANT_OVERRIDE: tuple[int, int] | None = None  # (BLOCK_T, num_warps), for benchmarks
 
 
 def padded_head_dim(head_dim: int) -> int:
-    """Head dim as the kernels store it: the next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(head_dim))
+    """Head dim as the kernels store it: the next power of two, at least 32 (the
+    smallest K of an INT8 tensor-core dot)."""
+    return max(32, triton.next_power_of_2(head_dim))
 
 
 def padded_kv_len(nk: int) -> int:
@@ -74,6 +76,15 @@ def _group_amax(row_amax, GROUP: tl.constexpr, ROWS: tl.constexpr):
         tl.static_assert(ROWS % GROUP == 0, "the tile must hold whole quantization groups")
         grouped = tl.max(tl.reshape(row_amax, [ROWS // GROUP, GROUP]), axis=1)
         return tl.reshape(tl.broadcast_to(grouped[:, None], [ROWS // GROUP, GROUP]), [ROWS])
+
+
+@triton.jit
+def _quant_multiplier(amax, QMAX: tl.constexpr):
+    """``qmax / amax`` as the reference rounds it (``(1 / amax) * qmax``, IEEE division:
+    PyTorch evaluates ``scalar / tensor`` as a reciprocal times the scalar), 0 where
+    ``amax == 0`` so that an all-zero group quantizes to 0."""
+    safe = tl.where(amax > 0, amax, 1.0)
+    return tl.where(amax > 0, tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe) * QMAX, 0.0)
 
 
 @triton.jit
@@ -126,18 +137,21 @@ def _quantize_k(
         tl.store(k_mean + bh * DPAD + offs_d, mean)
 
     # Pass 2: quantize K - mean, one scale per K_GROUP tokens; padding gets zeros.
+    # Backwards: the blocks pass 1 read last are the likeliest to be still in L2.
     out_base = k_q + bh * N_PAD * DPAD
     scale_base = k_scale + bh * N_PAD
-    for t0 in range(0, N_PAD, BLOCK_T):
-        t = t0 + offs_t
+    n_blocks = tl.cdiv(N_PAD, BLOCK_T)
+    for i in range(0, n_blocks):
+        t = (n_blocks - 1 - i) * BLOCK_T + offs_t
         mask = (t < N)[:, None] & d_ok[None, :]
+        in_buf = t < N_PAD
         x = tl.load(base + t[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
         x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
         amax = _group_amax(tl.max(tl.abs(x), axis=1), K_GROUP, BLOCK_T)
-        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        inv = _quant_multiplier(amax, 127.0)
         xq = _round_half_up(x * inv[:, None])
-        tl.store(out_base + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8))
-        tl.store(scale_base + t, amax / 127.0)
+        tl.store(out_base + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8), mask=in_buf[:, None])
+        tl.store(scale_base + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
 
 
 @triton.jit
@@ -172,25 +186,27 @@ def _quantize_v(
     if V_FP8:
         # max_t |fl(v_t - mean)| == max(fl(vmax - mean), fl(mean - vmin)): rounding is monotone.
         amax = tl.where(d_ok, tl.maximum(vmax - mean, mean - vmin), 0.0)
-        inv = tl.where(amax > 0, 448.0 / amax, 0.0)
-        tl.store(v_scale + bh * DPAD + offs_d, amax / 448.0)
+        inv = _quant_multiplier(amax, 448.0)
+        tl.store(v_scale + bh * DPAD + offs_d, tl.math.div_rn(amax, 448.0))
         out_base = v_q + bh * DPAD * N_PAD
     else:
         out_base = v_q + bh * N_PAD * DPAD
 
-    # Pass 2: write V - mean, FP8 transposed [DPAD, N_PAD] or fp16 [N_PAD, DPAD].
-    for t0 in range(0, N_PAD, BLOCK_T):
-        t = t0 + offs_t
+    # Pass 2 (backwards, as for K): V - mean, FP8 transposed [DPAD, N_PAD] or fp16 [N_PAD, DPAD].
+    n_blocks = tl.cdiv(N_PAD, BLOCK_T)
+    for i in range(0, n_blocks):
+        t = (n_blocks - 1 - i) * BLOCK_T + offs_t
         mask = (t < N)[:, None] & d_ok[None, :]
+        in_buf = (t < N_PAD)[:, None]
         x = tl.load(base + t[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
         x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
         if V_FP8:
             y = x * inv[None, :]
             if EXACT_FP8:
                 y = _round_to_e4m3_grid(y)
-            tl.store(out_base + offs_d[None, :] * N_PAD + t[:, None], y.to(tl.float8e4nv))
+            tl.store(out_base + offs_d[None, :] * N_PAD + t[:, None], y.to(tl.float8e4nv), mask=in_buf)
         else:
-            tl.store(out_base + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16))
+            tl.store(out_base + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16), mask=in_buf)
 
 
 @triton.jit
@@ -264,8 +280,10 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: QuantConfig) -> Quanti
         v_q = torch.empty((batch, heads, nk_pad, dpad), dtype=torch.float16, device=device)
     stats = torch.empty((3, batch, heads, dpad), dtype=torch.float32, device=device)
 
-    block_t = 128 if dpad <= 128 else 64
-    assert block_t % config.k_group == 0 and nk_pad % block_t == 0
+    # Measured on an H100 (docs/kernel_notes.md): 256 x 64 tiles with 8 warps at D=64,
+    # 128 x 128 with 4 warps at D=128; D <= 32 and 256 not measured.
+    block_t, num_warps = _QUANT_OVERRIDE or {32: (256, 4), 64: (256, 8), 128: (128, 4)}.get(dpad, (64, 8))
+    assert block_t % config.k_group == 0
     _quantize_kv_kernel[(batch * heads, 2)](
         k, *k.stride(),
         v, *v.stride(),
@@ -274,6 +292,6 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: QuantConfig) -> Quanti
         HEAD_DIM=head_dim, DPAD=dpad, BLOCK_T=block_t,
         K_GROUP=config.k_group, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v,
         V_FP8=v_fp8, EXACT_FP8=interpreting(),
-        num_warps=8 if dpad >= 128 else 4,
+        num_warps=num_warps,
     )
     return QuantizedKV(k_q, k_scale, v_q, stats)

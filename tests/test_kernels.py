@@ -1,0 +1,309 @@
+"""The Triton kernels (qattn.kernels) against the PyTorch reference.
+
+Without CUDA, conftest.py sets TRITON_INTERPRET=1 and the kernels run in Triton's CPU
+interpreter on CPU tensors; with CUDA they run on the GPU.
+
+Tolerances (``assert_close_to_reference``): the kernel must reproduce
+``reference.sage_attention`` with the same config and ``block_kv = BLOCK_N``. In the
+interpreter the two agree to about one unit in the last place of the output dtype (the
+kernel pre-rounds P~ and V onto the E4M3 grid there, because the interpreter's own
+fp32 -> fp8 cast is wrong when rounding carries into the exponent; the fp16 P~V block
+accumulation is rounded once, as the reference does). What can still differ is the
+summation order of means and dot products, which very rarely flips one quantized value
+by one unit. On the GPU ex2.approx, fused multiply-adds and the tensor cores' own
+accumulation (22-bit for FP8, fp16 for sage1) add small differences. So an element is a
+mismatch when ``|o - r| > 1e-3 + rtol * |r|`` with rtol = 4 ulps of the output dtype
+(fp16 4e-3, bf16 3e-2, fp32 2e-3); we allow at most 0.5% of mismatched elements, a
+relative L1 distance of at most 2e-3 (bf16: 5e-3), and a largest error of 5% of max|r|.
+LSE: mean absolute error <= 3e-4 and none above 1e-2 (one flipped K value moves the LSE
+of the rows attending to that key by up to ~5e-3; seen on the GPU with bf16 inputs);
+the pattern of -inf (rows with no key) must match exactly.
+
+Against exact fp64 attention the metrics of the papers: cosine >= 0.999 and relative
+L1 <= 0.05 on randn inputs (sage2-8b's published accuracy is cosine ~0.9993, L1 ~0.04).
+"""
+
+import math
+
+import pytest
+import torch
+
+from qattn import metrics, reference
+from qattn.kernels import attention_forward, block_config, quantize_kv, supports
+from qattn.presets import PRESETS
+
+CONFIGS = {
+    "sage1": PRESETS["sage1"],
+    "sage2-8b": PRESETS["sage2-8b"],
+    "sage2-8b-token": PRESETS["sage2-8b"].replace(granularity="token"),
+    "sage2-8b-block": PRESETS["sage2-8b"].replace(granularity="block"),
+    "sage1-warp-fp32acc-smoothv": PRESETS["sage1"].replace(granularity="warp", pv_accum="fp32", smooth_v=True),
+    "sage2-8b-smoothv-nosmoothk": PRESETS["sage2-8b"].replace(smooth_v=True, smooth_k=False),
+}
+
+RTOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 2e-3}
+
+
+def make_inputs(b, hq, hkv, nq, nk, d, *, dtype=torch.float16, device="cpu", seed=0, k_bias=0.0,
+                magnitude=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=gen) * magnitude
+    k = torch.randn(b, hkv, nk, d, generator=gen) * magnitude
+    v = torch.randn(b, hkv, nk, d, generator=gen) * magnitude
+    if k_bias:
+        k = k + k_bias * torch.randn(d, generator=gen)
+    return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v))
+
+
+def causal_offset_for(mode, nq, nk):
+    return {None: None, "top-left": 0, "bottom-right": nk - nq}[mode]
+
+
+def run_reference(q, k, v, config, causal_offset):
+    block_kv = block_config(q.shape[-1], causal_offset is not None, q.device, config).BLOCK_N
+    return reference.sage_attention(q, k, v, config, causal_offset=causal_offset, return_lse=True,
+                                    block_kv=block_kv)
+
+
+def assert_close_to_reference(out, ref):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    o, r = out.double(), ref.double()
+    assert torch.isfinite(o).all()
+    err = (o - r).abs()
+    bad = err > 1e-3 + RTOL[ref.dtype] * r.abs()
+    scale = max(r.abs().max().item(), 1e-6)
+    assert bad.float().mean().item() <= 5e-3, f"{bad.sum().item()} of {bad.numel()} mismatched"
+    assert err.max().item() <= 0.05 * scale, f"max error {err.max().item():.3g} (max|ref| {scale:.3g})"
+    rel_l1 = metrics.relative_l1(o, r)
+    assert rel_l1 <= (5e-3 if ref.dtype == torch.bfloat16 else 2e-3), f"rel L1 {rel_l1:.3g}"
+
+
+def assert_lse_close(lse, ref_lse):
+    assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "empty rows differ"
+    finite = torch.isfinite(ref_lse)
+    assert torch.isfinite(lse[finite]).all()
+    err = (lse[finite].double() - ref_lse[finite].double()).abs()
+    if err.numel():
+        # One flipped K value moves the LSE of the rows that attend to that key by up to
+        # ~5e-3, so: a small mean error, and a bound on the largest.
+        assert err.mean().item() <= 3e-4, f"LSE mean error {err.mean().item():.3g}"
+        assert err.max().item() <= 1e-2, f"LSE max error {err.max().item():.3g}"
+
+
+def check_against_exact(out, q, k, v, causal_offset, *, min_cos=0.999, max_l1=0.05):
+    exact, _ = reference.exact_attention(q, k, v, causal_offset=causal_offset)
+    acc = metrics.accuracy(out, exact)
+    assert acc["cosine"] >= min_cos and acc["rel_l1"] <= max_l1, acc
+
+
+# (B, Hq, Hkv, Nq, Nk, D, k_bias)
+SHAPES = [
+    (1, 2, 2, 1, 1, 16, 0.0),
+    (1, 2, 2, 17, 17, 32, 8.0),
+    (2, 4, 2, 100, 257, 64, 8.0),
+    (1, 4, 1, 257, 100, 128, 0.0),
+    (1, 2, 2, 130, 300, 80, 8.0),
+    (2, 2, 1, 64, 128, 128, 8.0),
+]
+CAUSAL_MODES = [None, "top-left", "bottom-right"]
+
+
+def _check_case(config_name, shape, causal_mode, device, dtype=torch.float16):
+    config = CONFIGS[config_name]
+    b, hq, hkv, nq, nk, d, k_bias = shape
+    q, k, v = make_inputs(b, hq, hkv, nq, nk, d, dtype=dtype, device=device, k_bias=k_bias, seed=nq + nk + d)
+    offset = causal_offset_for(causal_mode, nq, nk)
+    out, lse = attention_forward(q, k, v, config, sm_scale=1.0 / math.sqrt(d), causal_offset=offset,
+                                 return_lse=True)
+    ref, ref_lse = run_reference(q, k, v, config, offset)
+    assert_close_to_reference(out, ref)
+    assert_lse_close(lse, ref_lse)
+    # Accuracy metrics are meaningless on a handful of numbers; and without smoothing a
+    # channel bias in K wrecks INT8 accuracy by design (that is what smoothing is for).
+    if nq * nk >= 256 and nk > 1 and (config.smooth_k or not k_bias):
+        check_against_exact(out, q, k, v, offset)
+
+
+@pytest.mark.parametrize("causal_mode", CAUSAL_MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_presets_match_reference(config_name, shape, causal_mode, device):
+    _check_case(config_name, shape, causal_mode, device)
+
+
+@pytest.mark.parametrize("causal_mode", CAUSAL_MODES)
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4]], ids=lambda s: "x".join(map(str, s[:6])))
+@pytest.mark.parametrize("config_name", [c for c in CONFIGS if c not in ("sage1", "sage2-8b")])
+def test_other_configs_match_reference(config_name, shape, causal_mode, device):
+    _check_case(config_name, shape, causal_mode, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_input_dtypes(config_name, dtype, device):
+    _check_case(config_name, (1, 2, 1, 100, 150, 64, 8.0), "bottom-right", device, dtype=dtype)
+
+
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_nhd_views_and_out_view(config_name, device):
+    """NHD tensors arrive as transposed views; the output is written into an NHD view."""
+    config = CONFIGS[config_name]
+    b, h, hkv, nq, nk, d = 2, 4, 2, 70, 90, 64
+    q, k, v = make_inputs(b, h, hkv, nq, nk, d, device=device, k_bias=8.0, seed=1)
+    q_nhd, k_nhd, v_nhd = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # [B, N, H, D]
+    out_nhd = torch.full((b, nq, h, d), float("nan"), dtype=q.dtype, device=device)
+    out, lse = attention_forward(q_nhd.transpose(1, 2), k_nhd.transpose(1, 2), v_nhd.transpose(1, 2), config,
+                                 sm_scale=0.1, causal_offset=nk - nq, return_lse=True,
+                                 out=out_nhd.transpose(1, 2))
+    assert out.data_ptr() == out_nhd.data_ptr()
+    ref, ref_lse = reference.sage_attention(q, k, v, config, sm_scale=0.1, causal_offset=nk - nq,
+                                            return_lse=True, block_kv=block_config(d, True, device, config).BLOCK_N)
+    assert_close_to_reference(out_nhd.transpose(1, 2), ref)
+    assert_lse_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_non_contiguous_inputs(config_name, device):
+    """Slices of larger tensors (row stride != D, every other token, every other head)."""
+    config = CONFIGS[config_name]
+    b, h, nq, nk, d = 1, 2, 50, 120, 64
+    gen = torch.Generator().manual_seed(2)
+    q_big = torch.randn(b, 2 * h, nq, 2 * d, generator=gen).to(device=device, dtype=torch.bfloat16)
+    k_big = (torch.randn(b, h, 2 * nk, d + 16, generator=gen) + 5).to(device=device, dtype=torch.bfloat16)
+    v_big = torch.randn(b, h, nk, 3 * d, generator=gen).to(device=device, dtype=torch.bfloat16)
+    q, k, v = q_big[:, ::2, :, d:], k_big[:, :, ::2, 16:], v_big[..., d : 2 * d]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out, lse = attention_forward(q, k, v, config, sm_scale=1 / 8, return_lse=False)
+    assert lse is None
+    ref, _ = run_reference(q.contiguous(), k.contiguous(), v.contiguous(), config, None)
+    assert_close_to_reference(out, ref)
+    check_against_exact(out, q, k, v, None)
+
+
+def test_empty_rows_and_lse(device):
+    """Nq > Nk bottom-right: the first Nq - Nk rows see no key: output 0, LSE -inf."""
+    config = CONFIGS["sage2-8b"]
+    q, k, v = make_inputs(1, 2, 2, 150, 40, 64, device=device, seed=3)
+    out, lse = attention_forward(q, k, v, config, sm_scale=0.125, causal_offset=40 - 150, return_lse=True)
+    assert (out[:, :, :110] == 0).all() and torch.isneginf(lse[:, :, :110]).all()
+    assert torch.isfinite(lse[:, :, 110:]).all()
+    ref, ref_lse = run_reference(q, k, v, config, 40 - 150)
+    assert_close_to_reference(out, ref)
+    assert_lse_close(lse, ref_lse)
+    _, exact_lse = reference.exact_attention(q, k, v, sm_scale=0.125, causal_offset=40 - 150)
+    assert (lse[:, :, 110:] - exact_lse[:, :, 110:]).abs().max().item() < 0.05
+
+
+def test_no_keys(device):
+    q, k, v = make_inputs(1, 2, 2, 5, 0, 32, device=device)
+    out, lse = attention_forward(q, k, v, CONFIGS["sage2-8b"], sm_scale=None, return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_large_magnitude_bf16(config_name, device):
+    """|x| up to 1e3 in bf16: no overflow anywhere (scores ~1e6 in the log2 domain)."""
+    config = CONFIGS[config_name]
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = ((torch.randn(1, 2, n, 64, generator=gen) * 400).clamp(-1e3, 1e3).to(device=device, dtype=torch.bfloat16)
+               for n in (60, 130, 130))
+    out, lse = attention_forward(q, k, v, config, sm_scale=0.125, causal_offset=70, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    ref, ref_lse = run_reference(q, k, v, config, 70)
+    # Scores reach ~1e5 here, so the order in which the kernel applies the Q and K scales
+    # (the reference multiplies in another order) moves them by ~1e-2: a looser bound.
+    acc = metrics.accuracy(out, ref)
+    assert acc["cosine"] >= 0.9999 and acc["rel_l1"] <= 0.02, acc
+    assert (lse - ref_lse).abs().max().item() <= 1e-3 * ref_lse.abs().max().item()
+
+
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b", "sage2-8b-token", "sage2-8b-smoothv-nosmoothk"])
+def test_quantize_kv_matches_reference(config_name, device):
+    """K INT8 and V FP8 (or fp16) as the reference quantizes them, padding zeroed."""
+    config = CONFIGS[config_name]
+    b, h, n, d = 2, 2, 150, 80
+    _, k, v = make_inputs(b, h, h, 1, n, d, device=device, k_bias=8.0, seed=5)
+    kv = quantize_kv(k, v, config)
+    kf, vf = k.float(), v.float()
+    if config.smooth_k:
+        k_mean = kf.mean(dim=-2, keepdim=True)
+        torch.testing.assert_close(kv.k_mean[..., :d], k_mean[..., 0, :], rtol=1e-5, atol=1e-5)
+        kf = kf - k_mean
+    k_int, k_scale = reference.quantize_per_group(kf, config.k_group, 127)
+    assert (kv.k_q[:, :, :n, :d].float() - k_int).abs().max() <= 1
+    assert (kv.k_q[:, :, :n, :d].float() != k_int).float().mean() < 1e-3
+    assert (kv.k_q[:, :, n:] == 0).all() and (kv.k_q[..., d:] == 0).all()
+    torch.testing.assert_close(kv.k_scale[:, :, :n], k_scale, rtol=1e-5, atol=0)
+    if config.smooth_v:
+        v_mean = vf.mean(dim=-2, keepdim=True)
+        torch.testing.assert_close(kv.v_mean[..., :d], v_mean[..., 0, :], rtol=1e-5, atol=1e-5)
+        vf = vf - v_mean
+    if config.pv_dtype.value == "fp8":
+        v8, v_scale = reference.quantize_v_fp8(vf)
+        torch.testing.assert_close(kv.v_scale[..., :d], v_scale[..., 0, :], rtol=1e-5, atol=0)
+        got = kv.v_q.float().transpose(-1, -2)  # stored [D, N]
+        assert ((got[:, :, :n, :d] - v8).abs() > 1e-3 * v8.abs() + 1e-6).float().mean() < 1e-3
+        assert (got[:, :, n:] == 0).all() and (got[..., d:] == 0).all()
+    else:
+        assert kv.v_q.dtype == torch.float16
+        torch.testing.assert_close(kv.v_q[:, :, :n, :d].float(), vf.half().float(), rtol=1e-3, atol=1e-3)
+
+
+def test_supports_reasons():
+    q, k, v = make_inputs(1, 4, 2, 8, 8, 64)
+    cfg = PRESETS["sage2-8b"]
+    assert supports(cfg, q, k, v) is None
+    assert "INT4" in supports(PRESETS["sage2-4b"], q, k, v)
+    assert "smooth_q" in supports(cfg.replace(smooth_q=True), q, k, v)
+    assert "Dv" in supports(cfg, q, k, torch.zeros(1, 2, 8, 32, dtype=q.dtype))
+    big = torch.zeros(1, 1, 4, 320, dtype=q.dtype)
+    assert "head dim" in supports(cfg, big, big, big)
+    assert "dtype" in supports(cfg, q.double(), k, v)
+    assert "multiple" in supports(cfg, q[:, :3], k, v)
+    with pytest.raises(ValueError, match="INT4"):
+        attention_forward(q, k, v, PRESETS["sage2-4b"], sm_scale=None)
+
+
+def test_block_config_table():
+    for d in (16, 32, 64, 80, 128, 256):
+        for causal in (False, True):
+            for config in CONFIGS.values():
+                cfg = block_config(d, causal, "cpu", config)
+                assert cfg.BLOCK_M in (64, 128) and 128 % cfg.BLOCK_N == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_gpu_big_shape_accuracy(config_name, causal):
+    q, k, v = make_inputs(1, 8, 8, 2048, 2048, 128, dtype=torch.bfloat16, device="cuda", k_bias=4.0)
+    config = CONFIGS[config_name]
+    out, _ = attention_forward(q, k, v, config, sm_scale=None, causal_offset=0 if causal else None)
+    ref, _ = run_reference(q, k, v, config, 0 if causal else None)
+    assert_close_to_reference(out, ref)
+    exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+    acc = metrics.accuracy(out, exact)
+    assert acc["cosine"] >= 0.999 and acc["rel_l1"] <= 0.05, acc
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_and_stream():
+    """Runs on a side stream and under CUDA graph capture (no host syncs inside)."""
+    q, k, v = make_inputs(2, 4, 2, 300, 300, 64, dtype=torch.bfloat16, device="cuda")
+    config = CONFIGS["sage2-8b"]
+    expected, _ = attention_forward(q, k, v, config, sm_scale=None, causal_offset=0)
+    out = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attention_forward(q, k, v, config, sm_scale=None, causal_offset=0, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(out, expected)
+    graph = torch.cuda.CUDAGraph()
+    out.zero_()
+    with torch.cuda.graph(graph):
+        attention_forward(q, k, v, config, sm_scale=None, causal_offset=0, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
