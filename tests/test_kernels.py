@@ -250,14 +250,14 @@ def test_quantize_kv_matches_reference(config_name, device):
         torch.testing.assert_close(kv.v_q[:, :, :n, :d].float(), vf.half().float(), rtol=1e-3, atol=1e-3)
 
 
-def test_supports_reasons():
-    q, k, v = make_inputs(1, 4, 2, 8, 8, 64)
+def test_supports_reasons(device):
+    q, k, v = make_inputs(1, 4, 2, 8, 8, 64, device=device)
     cfg = PRESETS["sage2-8b"]
     assert supports(cfg, q, k, v) is None
     assert "INT4" in supports(PRESETS["sage2-4b"], q, k, v)
     assert "smooth_q" in supports(cfg.replace(smooth_q=True), q, k, v)
-    assert "Dv" in supports(cfg, q, k, torch.zeros(1, 2, 8, 32, dtype=q.dtype))
-    big = torch.zeros(1, 1, 4, 320, dtype=q.dtype)
+    assert "Dv" in supports(cfg, q, k, torch.zeros(1, 2, 8, 32, dtype=q.dtype, device=device))
+    big = torch.zeros(1, 1, 4, 320, dtype=q.dtype, device=device)
     assert "head dim" in supports(cfg, big, big, big)
     assert "dtype" in supports(cfg, q.double(), k, v)
     assert "multiple" in supports(cfg, q[:, :3], k, v)

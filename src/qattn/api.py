@@ -57,7 +57,7 @@ def default_preset(device: torch.device | str | None = None) -> str | QuantConfi
     if _default_override is not None:
         return _default_override
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type == "cuda" and ops.device_capability(device) < (8, 9):
         return "sage1"
     return "sage2-8b"
 

@@ -8,6 +8,7 @@ they support the call and the PyTorch reference otherwise.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -29,13 +30,23 @@ def log_once(message: str) -> None:
         logger.warning(message)
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, cached (it is asked on every call)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def kernel_skip_reason(q, k, v, config: QuantConfig, attn_mask=None) -> str | None:
     """None when the Triton kernels can run this call, else why not."""
     if q.device.type != "cuda":
         return f"device {q.device.type!r} has no Triton kernels"
     if attn_mask is not None:
         return "attn_mask (the kernels take no mask yet)"
-    capability = torch.cuda.get_device_capability(q.device)
+    capability = device_capability(q.device)
     if capability < (8, 0):
         return f"compute capability {capability} < (8, 0)"
     if config.pv_dtype.value == "fp8" and capability < (8, 9):
@@ -45,6 +56,39 @@ def kernel_skip_reason(q, k, v, config: QuantConfig, attn_mask=None) -> str | No
     except ImportError as err:  # triton missing or too old
         return f"Triton kernels unavailable ({err})"
     return kernels.supports(config, q, k, v)
+
+
+def _run(q, k, v, attn_mask, config, sm_scale, causal_offset, return_lse, out_nhd):
+    """The op's body: the Triton kernels when they support the call, else the reference."""
+    batch, heads, nq, _ = q.shape
+    reason = kernel_skip_reason(q, k, v, config, attn_mask)
+    if reason is None:
+        from . import kernels
+
+        if out_nhd:
+            out = q.new_empty(batch, nq, heads, v.shape[-1])
+            out_hnd = out.transpose(1, 2)
+        else:
+            out = out_hnd = q.new_empty(batch, heads, nq, v.shape[-1])
+        _, lse = kernels.attention_forward(
+            q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset,
+            return_lse=return_lse, out=out_hnd, check=False,
+        )
+        return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
+
+    if q.device.type == "cuda":
+        log_once(f"qattn: running the PyTorch reference on the GPU (slow): {reason}")
+    out, lse = reference.sage_attention(
+        q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset,
+        attn_mask=attn_mask, return_lse=True,
+    )
+    out = out.transpose(1, 2).contiguous() if out_nhd else out
+    return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
+
+
+@functools.lru_cache(maxsize=64)
+def _config(*fields) -> QuantConfig:
+    return QuantConfig(*fields)
 
 
 @torch.library.custom_op("qattn::attention", mutates_args=())
@@ -65,31 +109,8 @@ def _attention_op(
     return_lse: bool,
     out_nhd: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    config = QuantConfig(qk_dtype, granularity, smooth_k, smooth_q, pv_dtype, pv_accum, smooth_v)
-    batch, heads, nq, _ = q.shape
-    reason = kernel_skip_reason(q, k, v, config, attn_mask)
-    if reason is None:
-        from . import kernels
-
-        if out_nhd:
-            out = q.new_empty(batch, nq, heads, v.shape[-1])
-            out_hnd = out.transpose(1, 2)
-        else:
-            out = out_hnd = q.new_empty(batch, heads, nq, v.shape[-1])
-        _, lse = kernels.attention_forward(
-            q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset,
-            return_lse=return_lse, out=out_hnd,
-        )
-        return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
-
-    if q.device.type == "cuda":
-        log_once(f"qattn: running the PyTorch reference on the GPU (slow): {reason}")
-    out, lse = reference.sage_attention(
-        q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset,
-        attn_mask=attn_mask, return_lse=True,
-    )
-    out = out.transpose(1, 2).contiguous() if out_nhd else out
-    return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
+    config = _config(qk_dtype, granularity, smooth_k, smooth_q, pv_dtype, pv_accum, smooth_v)
+    return _run(q, k, v, attn_mask, config, sm_scale, causal_offset, return_lse, out_nhd)
 
 
 @_attention_op.register_fake
@@ -118,7 +139,15 @@ def attention(
     Returns O ([B,Nq,Hq,Dv] if ``out_nhd`` else [B,Hq,Nq,Dv], q's dtype) and the
     natural-log LSE [B,Hq,Nq] (fp32) or None. Masking as in
     :func:`qattn.reference.sage_attention`.
+
+    Under ``torch.compile`` this calls the custom op (opaque to the compiler, with its
+    fake impl); in eager mode it runs the op's body directly, skipping the dispatcher's
+    per-call cost, which matters at short sequence lengths.
     """
+    if not torch.compiler.is_compiling():
+        out, lse = _run(q, k, v, attn_mask, config, float(sm_scale), causal_offset,
+                        return_lse, out_nhd)
+        return out, (lse if return_lse else None)
     out, lse = _attention_op(
         q, k, v, attn_mask, config.qk_dtype.value, config.granularity.value, config.smooth_k,
         config.smooth_q, config.pv_dtype.value, config.pv_accum.value, config.smooth_v,

@@ -105,7 +105,12 @@ _BLOCK_OVERRIDE: BlockConfig | None = None
 def _capability(device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return (9, 0)  # interpreter: tile like Hopper
-    return torch.cuda.get_device_capability(device)
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def block_config(
@@ -357,6 +362,7 @@ def attention_forward(
     causal_offset: int | None = None,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Quantized attention forward on [B, H, N, D] views (any strides; nothing is copied).
 
@@ -368,11 +374,12 @@ def attention_forward(
             j <= i + causal_offset (0: top-left aligned; Nk - Nq: bottom-right).
         return_lse: also return the natural-log LSE [B, Hq, Nq] fp32.
         out: optional [B, Hq, Nq, D] view (any strides) of q's dtype to write into.
+        check: run :func:`supports` first (callers that already did pass False).
 
     Returns:
         (out, lse or None). Two kernel launches, no device synchronization.
     """
-    reason = supports(config, q, k, v)
+    reason = supports(config, q, k, v) if check else None
     if reason is not None:
         raise ValueError(f"attention_forward: {reason}")
     batch, hq, nq, head_dim = q.shape
@@ -381,7 +388,7 @@ def attention_forward(
         sm_scale = 1.0 / math.sqrt(head_dim)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+    elif check and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(
             f"attention_forward: out must be {tuple(q.shape)} {q.dtype} on {q.device}, "
             f"got {tuple(out.shape)} {out.dtype} on {out.device}"

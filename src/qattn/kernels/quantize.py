@@ -1,12 +1,15 @@
-"""K/V preparation for the quantized attention kernel: one Triton launch per call.
+"""K/V preparation for the quantized attention kernel: two Triton launches per call,
+both over the grid ``(chunks, B * Hkv, 2)`` (token chunks of one (batch, kv-head); the
+last axis picks K or V), so that even short sequences fill the GPU:
 
-The grid is ``(B * Hkv, 2)``. Program ``(bh, 0)`` owns the K of one (batch, kv-head),
-program ``(bh, 1)`` its V. Each walks its tokens twice:
+1. ``_partial_stats_kernel`` reduces each chunk: per-channel sums (the means for
+   smoothing) and, for FP8 V, per-channel max and min (``amax |V - mean|`` follows
+   exactly as ``max(vmax - mean, mean - vmin)``);
+2. ``_quantize_kv_kernel`` combines the chunks' partials (a few hundred floats, in a
+   fixed order, so results are deterministic) and writes the chunk's quantized tokens.
 
-* pass 1 reduces over all tokens (the channel mean for smoothing, and for FP8 V the
-  per-channel max and min, from which ``amax |V - mean|`` follows exactly:
-  ``max(vmax - mean, mean - vmin)``);
-* pass 2 writes the quantized tensor.
+Every input byte is read twice; one launch per (batch, head) would read it twice too,
+but with far fewer programs in flight (measured in docs/kernel_notes.md).
 
 Outputs (all padded: tokens up to ``nk_pad``, a multiple of 128, channels up to ``dpad``,
 the next power of two >= 32; padding holds zeros so the attention kernel needs no load
@@ -38,6 +41,7 @@ from ..presets import PVDtype, QuantConfig
 __all__ = ["QuantizedKV", "quantize_kv", "padded_head_dim", "padded_kv_len", "KV_PAD"]
 
 KV_PAD = 128  # K/V token buffers are padded to a multiple of this (the largest BLOCK_N)
+_MAX_CHUNKS = 64  # most token chunks one (batch, head) is split into
 _QUANT_OVERRIDE: tuple[int, int] | None = None  # (BLOCK_T, num_warps), for benchmarks
 
 
@@ -112,128 +116,163 @@ def _round_to_e4m3_grid(x):
     return tl.where(x < 0, -r, r)
 
 
-# ----------------------------------------------------------------------------- kernel
+# ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _quantize_k(
-    base, stride_n, stride_d, k_q, k_scale, k_mean, bh, N, N_PAD,
+def _partial_stats_kernel(
+    K, stride_kb, stride_kh, stride_kn, stride_kd,
+    V, stride_vb, stride_vh, stride_vn, stride_vd,
+    Partials, H_KV, N, CHUNK, N_CHUNKS,
     HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    K_GROUP: tl.constexpr, SMOOTH_K: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, V_FP8: tl.constexpr,
 ):
+    """Pass 1, program (chunk, bh, 0 for K / 1 for V): per-channel sums (and for FP8 V,
+    max and min) over one chunk of tokens -> Partials[stat, bh, chunk, :]."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H_KV
+    h = bh % H_KV
+    is_v = tl.program_id(2) == 1
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, DPAD)
     d_ok = offs_d < HEAD_DIM
-
-    # Pass 1: the channel mean over all tokens.
-    mean = tl.zeros([DPAD], dtype=tl.float32)
-    if SMOOTH_K:
-        for t0 in range(0, N, BLOCK_T):
+    if is_v:
+        base = V + b * stride_vb + h * stride_vh
+        stride_n = stride_vn
+        stride_d = stride_vd
+        need_sum = SMOOTH_V
+    else:
+        base = K + b * stride_kb + h * stride_kh
+        stride_n = stride_kn
+        stride_d = stride_kd
+        need_sum = SMOOTH_K
+    need_range = is_v and V_FP8
+    if need_sum or need_range:
+        total = tl.zeros([DPAD], dtype=tl.float32)
+        vmax = tl.full([DPAD], float("-inf"), dtype=tl.float32)
+        vmin = tl.full([DPAD], float("inf"), dtype=tl.float32)
+        t_start = chunk * CHUNK
+        t_stop = tl.minimum(t_start + CHUNK, N)
+        for t0 in range(t_start, t_stop, BLOCK_T):
             t = t0 + offs_t
-            mask = (t < N)[:, None] & d_ok[None, :]
-            x = tl.load(base + t[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
-            mean += tl.sum(x.to(tl.float32), axis=0)
-        mean = mean / N
-        tl.store(k_mean + bh * DPAD + offs_d, mean)
-
-    # Pass 2: quantize K - mean, one scale per K_GROUP tokens; padding gets zeros.
-    # Backwards: the blocks pass 1 read last are the likeliest to be still in L2.
-    out_base = k_q + bh * N_PAD * DPAD
-    scale_base = k_scale + bh * N_PAD
-    n_blocks = tl.cdiv(N_PAD, BLOCK_T)
-    for i in range(0, n_blocks):
-        t = (n_blocks - 1 - i) * BLOCK_T + offs_t
-        mask = (t < N)[:, None] & d_ok[None, :]
-        in_buf = t < N_PAD
-        x = tl.load(base + t[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
-        x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
-        amax = _group_amax(tl.max(tl.abs(x), axis=1), K_GROUP, BLOCK_T)
-        inv = _quant_multiplier(amax, 127.0)
-        xq = _round_half_up(x * inv[:, None])
-        tl.store(out_base + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8), mask=in_buf[:, None])
-        tl.store(scale_base + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
-
-
-@triton.jit
-def _quantize_v(
-    base, stride_n, stride_d, v_q, v_scale, v_mean, bh, N, N_PAD,
-    HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    SMOOTH_V: tl.constexpr, V_FP8: tl.constexpr, EXACT_FP8: tl.constexpr,
-):
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, DPAD)
-    d_ok = offs_d < HEAD_DIM
-
-    # Pass 1: channel sum (smoothing) and, for FP8, channel max and min.
-    mean = tl.zeros([DPAD], dtype=tl.float32)
-    vmax = tl.full([DPAD], float("-inf"), dtype=tl.float32)
-    vmin = tl.full([DPAD], float("inf"), dtype=tl.float32)
-    if SMOOTH_V or V_FP8:
-        for t0 in range(0, N, BLOCK_T):
-            t = t0 + offs_t
-            mask = (t < N)[:, None] & d_ok[None, :]
-            x = tl.load(base + t[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
-            x = x.to(tl.float32)
-            if SMOOTH_V:
-                mean += tl.sum(x, axis=0)
-            if V_FP8:
+            mask = (t < t_stop)[:, None] & d_ok[None, :]
+            x = tl.load(base + t[:, None] * stride_n + offs_d[None, :] * stride_d,
+                        mask=mask, other=0.0).to(tl.float32)
+            total += tl.sum(x, axis=0)
+            if need_range:
                 vmax = tl.maximum(vmax, tl.max(tl.where(mask, x, float("-inf")), axis=0))
                 vmin = tl.minimum(vmin, tl.min(tl.where(mask, x, float("inf")), axis=0))
-    if SMOOTH_V:
-        mean = mean / N
-        tl.store(v_mean + bh * DPAD + offs_d, mean)
-
-    if V_FP8:
-        # max_t |fl(v_t - mean)| == max(fl(vmax - mean), fl(mean - vmin)): rounding is monotone.
-        amax = tl.where(d_ok, tl.maximum(vmax - mean, mean - vmin), 0.0)
-        inv = _quant_multiplier(amax, 448.0)
-        tl.store(v_scale + bh * DPAD + offs_d, tl.math.div_rn(amax, 448.0))
-        out_base = v_q + bh * DPAD * N_PAD
-    else:
-        out_base = v_q + bh * N_PAD * DPAD
-
-    # Pass 2 (backwards, as for K): V - mean, FP8 transposed [DPAD, N_PAD] or fp16 [N_PAD, DPAD].
-    n_blocks = tl.cdiv(N_PAD, BLOCK_T)
-    for i in range(0, n_blocks):
-        t = (n_blocks - 1 - i) * BLOCK_T + offs_t
-        mask = (t < N)[:, None] & d_ok[None, :]
-        in_buf = (t < N_PAD)[:, None]
-        x = tl.load(base + t[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
-        x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
-        if V_FP8:
-            y = x * inv[None, :]
-            if EXACT_FP8:
-                y = _round_to_e4m3_grid(y)
-            tl.store(out_base + offs_d[None, :] * N_PAD + t[:, None], y.to(tl.float8e4nv), mask=in_buf)
+        # Partials [4, B*Hkv, N_CHUNKS, DPAD]: K sum, V sum, V max, V min.
+        n_bh = tl.num_programs(1)
+        row = (bh * N_CHUNKS + chunk) * DPAD + offs_d
+        plane = n_bh * N_CHUNKS * DPAD
+        if is_v:
+            tl.store(Partials + plane + row, total)
+            tl.store(Partials + 2 * plane + row, vmax)
+            tl.store(Partials + 3 * plane + row, vmin)
         else:
-            tl.store(out_base + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16), mask=in_buf)
+            tl.store(Partials + row, total)
+
+
+@triton.jit
+def _reduce_partials(Partials, stat, bh, N_CHUNKS, n_bh, DPAD: tl.constexpr, OP: tl.constexpr):
+    """Combine one statistic's per-chunk partials, in chunk order (deterministic)."""
+    offs_d = tl.arange(0, DPAD)
+    ptr = Partials + (stat * n_bh + bh) * N_CHUNKS * DPAD + offs_d
+    acc = tl.load(ptr)
+    for c in range(1, N_CHUNKS):
+        x = tl.load(ptr + c * DPAD)
+        if OP == 0:
+            acc += x
+        elif OP == 1:
+            acc = tl.maximum(acc, x)
+        else:
+            acc = tl.minimum(acc, x)
+    return acc
 
 
 @triton.jit
 def _quantize_kv_kernel(
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     V, stride_vb, stride_vh, stride_vn, stride_vd,
-    K_q, K_scale, V_q, Stats,
-    H_KV, N, N_PAD, STATS_STRIDE,
+    K_q, K_scale, V_q, Stats, Partials,
+    H_KV, N, N_PAD, CHUNK, N_CHUNKS, STATS_STRIDE,
     HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
     K_GROUP: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr,
     V_FP8: tl.constexpr, EXACT_FP8: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
+    """Pass 2, program (chunk, bh, 0 for K / 1 for V): finish the statistics from the
+    partials, then quantize the chunk's tokens (and the zero padding up to N_PAD)."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_bh = tl.num_programs(1)
     b = bh // H_KV
     h = bh % H_KV
-    if tl.program_id(1) == 0:
-        _quantize_k(
-            K + b * stride_kb + h * stride_kh, stride_kn, stride_kd,
-            K_q, K_scale, Stats, bh, N, N_PAD,
-            HEAD_DIM, DPAD, BLOCK_T, K_GROUP, SMOOTH_K,
-        )
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, DPAD)
+    d_ok = offs_d < HEAD_DIM
+    t_start = chunk * CHUNK
+    t_stop = tl.minimum(t_start + CHUNK, N_PAD)
+
+    if tl.program_id(2) == 0:
+        base = K + b * stride_kb + h * stride_kh
+        mean = tl.zeros([DPAD], dtype=tl.float32)
+        if SMOOTH_K:
+            mean = _reduce_partials(Partials, 0, bh, N_CHUNKS, n_bh, DPAD, 0) / N
+            if chunk == 0:
+                tl.store(Stats + bh * DPAD + offs_d, mean)
+        out_base = K_q + bh * N_PAD * DPAD
+        scale_base = K_scale + bh * N_PAD
+        for t0 in range(t_start, t_stop, BLOCK_T):
+            t = t0 + offs_t
+            mask = (t < N)[:, None] & d_ok[None, :]
+            x = tl.load(base + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=mask, other=0.0)
+            x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
+            amax = _group_amax(tl.max(tl.abs(x), axis=1), K_GROUP, BLOCK_T)
+            inv = _quant_multiplier(amax, 127.0)
+            xq = _round_half_up(x * inv[:, None])
+            in_buf = t < t_stop  # BLOCK_T may overrun N_PAD (a multiple of 128 only)
+            tl.store(out_base + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8),
+                     mask=in_buf[:, None])
+            tl.store(scale_base + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
     else:
-        _quantize_v(
-            V + b * stride_vb + h * stride_vh, stride_vn, stride_vd,
-            V_q, Stats + STATS_STRIDE, Stats + 2 * STATS_STRIDE, bh, N, N_PAD,
-            HEAD_DIM, DPAD, BLOCK_T, SMOOTH_V, V_FP8, EXACT_FP8,
-        )
+        base = V + b * stride_vb + h * stride_vh
+        mean = tl.zeros([DPAD], dtype=tl.float32)
+        if SMOOTH_V:
+            mean = _reduce_partials(Partials, 1, bh, N_CHUNKS, n_bh, DPAD, 0) / N
+            if chunk == 0:
+                tl.store(Stats + 2 * STATS_STRIDE + bh * DPAD + offs_d, mean)
+        if V_FP8:
+            vmax = _reduce_partials(Partials, 2, bh, N_CHUNKS, n_bh, DPAD, 1)
+            vmin = _reduce_partials(Partials, 3, bh, N_CHUNKS, n_bh, DPAD, 2)
+            # max_t |fl(v_t - mean)| == max(fl(vmax - mean), fl(mean - vmin)): rounding
+            # is monotone.
+            amax = tl.where(d_ok, tl.maximum(vmax - mean, mean - vmin), 0.0)
+            inv = _quant_multiplier(amax, 448.0)
+            if chunk == 0:
+                tl.store(Stats + STATS_STRIDE + bh * DPAD + offs_d, tl.math.div_rn(amax, 448.0))
+            out_base = V_q + bh * DPAD * N_PAD
+        else:
+            out_base = V_q + bh * N_PAD * DPAD
+        for t0 in range(t_start, t_stop, BLOCK_T):
+            t = t0 + offs_t
+            mask = (t < N)[:, None] & d_ok[None, :]
+            x = tl.load(base + t[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=mask, other=0.0)
+            x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
+            in_buf = t < t_stop
+            if V_FP8:
+                y = x * inv[None, :]
+                if EXACT_FP8:
+                    y = _round_to_e4m3_grid(y)
+                # Transposed [DPAD, N_PAD]: tokens contiguous (K-major for FP8 wgmma).
+                tl.store(out_base + offs_d[None, :] * N_PAD + t[:, None], y.to(tl.float8e4nv),
+                         mask=in_buf[:, None])
+            else:
+                tl.store(out_base + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16),
+                         mask=in_buf[:, None])
 
 
 # ----------------------------------------------------------------------------- host
@@ -261,7 +300,7 @@ class QuantizedKV(NamedTuple):
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: QuantConfig) -> QuantizedKV:
-    """Quantize K (and V for FP8, or convert it to fp16) as ``config`` says, in one launch.
+    """Quantize K (and V for FP8, or convert it to fp16) as ``config`` says, in two launches (statistics, then quantization).
 
     ``k`` and ``v`` are [B, Hkv, Nk, D] with any strides (no copies are made); Nk >= 1.
     Entries of ``stats`` that the config does not use are left unwritten.
@@ -280,18 +319,24 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: QuantConfig) -> Quanti
         v_q = torch.empty((batch, heads, nk_pad, dpad), dtype=torch.float16, device=device)
     stats = torch.empty((3, batch, heads, dpad), dtype=torch.float32, device=device)
 
-    # Measured on an H100 (docs/kernel_notes.md): 256 x 64 tiles with 8 warps at D=64,
+    # Tiles measured on an H100 (docs/kernel_notes.md): 256 x 64 with 8 warps at D=64,
     # 128 x 128 with 4 warps at D=128; D <= 32 and 256 not measured.
     block_t, num_warps = _QUANT_OVERRIDE or {32: (256, 4), 64: (256, 8), 128: (128, 4)}.get(dpad, (64, 8))
     assert block_t % config.k_group == 0
-    _quantize_kv_kernel[(batch * heads, 2)](
-        k, *k.stride(),
-        v, *v.stride(),
-        k_q, k_scale, v_q, stats,
-        heads, nk, nk_pad, batch * heads * dpad,
-        HEAD_DIM=head_dim, DPAD=dpad, BLOCK_T=block_t,
-        K_GROUP=config.k_group, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v,
-        V_FP8=v_fp8, EXACT_FP8=interpreting(),
-        num_warps=num_warps,
+    # Token chunks per (batch, head): enough programs to fill the GPU (~2048 in all),
+    # few enough that finishing the statistics from the partials stays cheap.
+    target_chunks = max(1, min(_MAX_CHUNKS, 1024 // (batch * heads)))
+    chunk = triton.cdiv(triton.cdiv(nk_pad, target_chunks), block_t) * block_t
+    n_chunks = triton.cdiv(nk_pad, chunk)
+    partials = torch.empty((4, batch * heads, n_chunks, dpad), dtype=torch.float32, device=device)
+    args = (k, *k.stride(), v, *v.stride())
+    meta = dict(HEAD_DIM=head_dim, DPAD=dpad, BLOCK_T=block_t, SMOOTH_K=config.smooth_k,
+                SMOOTH_V=config.smooth_v, V_FP8=v_fp8, num_warps=num_warps)
+    grid = (n_chunks, batch * heads, 2)
+    _partial_stats_kernel[grid](*args, partials, heads, nk, chunk, n_chunks, **meta)
+    _quantize_kv_kernel[grid](
+        *args, k_q, k_scale, v_q, stats, partials,
+        heads, nk, nk_pad, chunk, n_chunks, batch * heads * dpad,
+        K_GROUP=config.k_group, EXACT_FP8=interpreting(), **meta,
     )
     return QuantizedKV(k_q, k_scale, v_q, stats)
