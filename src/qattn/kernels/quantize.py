@@ -120,6 +120,42 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
+def _chunk_stats(
+    base, stride_n, stride_d, Partials, bh, chunk, N, CHUNK, N_CHUNKS, n_bh,
+    SUM_PLANE: tl.constexpr, RANGE_PLANE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    NEED_SUM: tl.constexpr, NEED_RANGE: tl.constexpr,
+):
+    """Per-channel sum (and max, min) of one chunk of tokens of one (batch, head)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, DPAD)
+    d_ok = offs_d < HEAD_DIM
+    total = tl.zeros([DPAD], dtype=tl.float32)
+    vmax = tl.full([DPAD], float("-inf"), dtype=tl.float32)
+    vmin = tl.full([DPAD], float("inf"), dtype=tl.float32)
+    t_start = chunk * CHUNK
+    t_stop = tl.minimum(t_start + CHUNK, N)
+    for t0 in range(t_start, t_stop, BLOCK_T):
+        t = t0 + offs_t
+        mask = (t < t_stop)[:, None] & d_ok[None, :]
+        x = tl.load(base + t[:, None] * stride_n + offs_d[None, :] * stride_d,
+                    mask=mask, other=0.0).to(tl.float32)
+        if NEED_SUM:
+            total += tl.sum(x, axis=0)
+        if NEED_RANGE:
+            vmax = tl.maximum(vmax, tl.max(tl.where(mask, x, float("-inf")), axis=0))
+            vmin = tl.minimum(vmin, tl.min(tl.where(mask, x, float("inf")), axis=0))
+    # Partials [4, B*Hkv, N_CHUNKS, DPAD]: K sum, V sum, V max, V min.
+    row = (bh * N_CHUNKS + chunk) * DPAD + offs_d
+    plane = n_bh * N_CHUNKS * DPAD
+    if NEED_SUM:
+        tl.store(Partials + SUM_PLANE * plane + row, total)
+    if NEED_RANGE:
+        tl.store(Partials + RANGE_PLANE * plane + row, vmax)
+        tl.store(Partials + (RANGE_PLANE + 1) * plane + row, vmin)
+
+
+@triton.jit
 def _partial_stats_kernel(
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     V, stride_vb, stride_vh, stride_vn, stride_vd,
@@ -131,48 +167,19 @@ def _partial_stats_kernel(
     max and min) over one chunk of tokens -> Partials[stat, bh, chunk, :]."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    n_bh = tl.num_programs(1)
     b = bh // H_KV
     h = bh % H_KV
-    is_v = tl.program_id(2) == 1
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, DPAD)
-    d_ok = offs_d < HEAD_DIM
-    if is_v:
-        base = V + b * stride_vb + h * stride_vh
-        stride_n = stride_vn
-        stride_d = stride_vd
-        need_sum = SMOOTH_V
+    if tl.program_id(2) == 0:
+        if SMOOTH_K:
+            _chunk_stats(K + b * stride_kb + h * stride_kh, stride_kn, stride_kd, Partials,
+                         bh, chunk, N, CHUNK, N_CHUNKS, n_bh, 0, 2,
+                         HEAD_DIM, DPAD, BLOCK_T, True, False)
     else:
-        base = K + b * stride_kb + h * stride_kh
-        stride_n = stride_kn
-        stride_d = stride_kd
-        need_sum = SMOOTH_K
-    need_range = is_v and V_FP8
-    if need_sum or need_range:
-        total = tl.zeros([DPAD], dtype=tl.float32)
-        vmax = tl.full([DPAD], float("-inf"), dtype=tl.float32)
-        vmin = tl.full([DPAD], float("inf"), dtype=tl.float32)
-        t_start = chunk * CHUNK
-        t_stop = tl.minimum(t_start + CHUNK, N)
-        for t0 in range(t_start, t_stop, BLOCK_T):
-            t = t0 + offs_t
-            mask = (t < t_stop)[:, None] & d_ok[None, :]
-            x = tl.load(base + t[:, None] * stride_n + offs_d[None, :] * stride_d,
-                        mask=mask, other=0.0).to(tl.float32)
-            total += tl.sum(x, axis=0)
-            if need_range:
-                vmax = tl.maximum(vmax, tl.max(tl.where(mask, x, float("-inf")), axis=0))
-                vmin = tl.minimum(vmin, tl.min(tl.where(mask, x, float("inf")), axis=0))
-        # Partials [4, B*Hkv, N_CHUNKS, DPAD]: K sum, V sum, V max, V min.
-        n_bh = tl.num_programs(1)
-        row = (bh * N_CHUNKS + chunk) * DPAD + offs_d
-        plane = n_bh * N_CHUNKS * DPAD
-        if is_v:
-            tl.store(Partials + plane + row, total)
-            tl.store(Partials + 2 * plane + row, vmax)
-            tl.store(Partials + 3 * plane + row, vmin)
-        else:
-            tl.store(Partials + row, total)
+        if SMOOTH_V or V_FP8:
+            _chunk_stats(V + b * stride_vb + h * stride_vh, stride_vn, stride_vd, Partials,
+                         bh, chunk, N, CHUNK, N_CHUNKS, n_bh, 1, 2,
+                         HEAD_DIM, DPAD, BLOCK_T, SMOOTH_V, V_FP8)
 
 
 @triton.jit
@@ -216,29 +223,29 @@ def _quantize_kv_kernel(
     t_stop = tl.minimum(t_start + CHUNK, N_PAD)
 
     if tl.program_id(2) == 0:
-        base = K + b * stride_kb + h * stride_kh
+        k_in = K + b * stride_kb + h * stride_kh
         mean = tl.zeros([DPAD], dtype=tl.float32)
         if SMOOTH_K:
             mean = _reduce_partials(Partials, 0, bh, N_CHUNKS, n_bh, DPAD, 0) / N
             if chunk == 0:
                 tl.store(Stats + bh * DPAD + offs_d, mean)
-        out_base = K_q + bh * N_PAD * DPAD
-        scale_base = K_scale + bh * N_PAD
+        k_out = K_q + bh * N_PAD * DPAD
+        k_scale_out = K_scale + bh * N_PAD
         for t0 in range(t_start, t_stop, BLOCK_T):
             t = t0 + offs_t
             mask = (t < N)[:, None] & d_ok[None, :]
-            x = tl.load(base + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            x = tl.load(k_in + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                         mask=mask, other=0.0)
             x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
             amax = _group_amax(tl.max(tl.abs(x), axis=1), K_GROUP, BLOCK_T)
             inv = _quant_multiplier(amax, 127.0)
             xq = _round_half_up(x * inv[:, None])
             in_buf = t < t_stop  # BLOCK_T may overrun N_PAD (a multiple of 128 only)
-            tl.store(out_base + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8),
+            tl.store(k_out + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8),
                      mask=in_buf[:, None])
-            tl.store(scale_base + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
+            tl.store(k_scale_out + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
     else:
-        base = V + b * stride_vb + h * stride_vh
+        v_in = V + b * stride_vb + h * stride_vh
         mean = tl.zeros([DPAD], dtype=tl.float32)
         if SMOOTH_V:
             mean = _reduce_partials(Partials, 1, bh, N_CHUNKS, n_bh, DPAD, 0) / N
@@ -253,13 +260,13 @@ def _quantize_kv_kernel(
             inv = _quant_multiplier(amax, 448.0)
             if chunk == 0:
                 tl.store(Stats + STATS_STRIDE + bh * DPAD + offs_d, tl.math.div_rn(amax, 448.0))
-            out_base = V_q + bh * DPAD * N_PAD
+            v_out = V_q + bh * DPAD * N_PAD
         else:
-            out_base = V_q + bh * N_PAD * DPAD
+            v_out = V_q + bh * N_PAD * DPAD
         for t0 in range(t_start, t_stop, BLOCK_T):
             t = t0 + offs_t
             mask = (t < N)[:, None] & d_ok[None, :]
-            x = tl.load(base + t[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            x = tl.load(v_in + t[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=mask, other=0.0)
             x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
             in_buf = t < t_stop
@@ -268,10 +275,10 @@ def _quantize_kv_kernel(
                 if EXACT_FP8:
                     y = _round_to_e4m3_grid(y)
                 # Transposed [DPAD, N_PAD]: tokens contiguous (K-major for FP8 wgmma).
-                tl.store(out_base + offs_d[None, :] * N_PAD + t[:, None], y.to(tl.float8e4nv),
+                tl.store(v_out + offs_d[None, :] * N_PAD + t[:, None], y.to(tl.float8e4nv),
                          mask=in_buf[:, None])
             else:
-                tl.store(out_base + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16),
+                tl.store(v_out + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16),
                          mask=in_buf[:, None])
 
 
