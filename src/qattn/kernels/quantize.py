@@ -143,8 +143,11 @@ def _chunk_stats(
         if NEED_SUM:
             total += tl.sum(x, axis=0)
         if NEED_RANGE:
-            vmax = tl.maximum(vmax, tl.max(tl.where(mask, x, float("-inf")), axis=0))
-            vmin = tl.minimum(vmin, tl.min(tl.where(mask, x, float("inf")), axis=0))
+            # Only the token bound decides: padded channels see zeros, so no infinities
+            # reach the arithmetic of channels that do not exist.
+            t_ok = (t < t_stop)[:, None]
+            vmax = tl.maximum(vmax, tl.max(tl.where(t_ok, x, float("-inf")), axis=0))
+            vmin = tl.minimum(vmin, tl.min(tl.where(t_ok, x, float("inf")), axis=0))
     # Partials [4, B*Hkv, N_CHUNKS, DPAD]: K sum, V sum, V max, V min.
     row = (bh * N_CHUNKS + chunk) * DPAD + offs_d
     plane = n_bh * N_CHUNKS * DPAD
@@ -271,7 +274,9 @@ def _quantize_kv_kernel(
             x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
             in_buf = t < t_stop
             if V_FP8:
-                y = x * inv[None, :]
+                # Padded channels are stored as exact zeros (seen otherwise on an H100 when
+                # HEAD_DIM < DPAD: the attention kernel reads V without masks).
+                y = tl.where(d_ok[None, :], x * inv[None, :], 0.0)
                 if EXACT_FP8:
                     y = _round_to_e4m3_grid(y)
                 # Transposed [DPAD, N_PAD]: tokens contiguous (K-major for FP8 wgmma).
