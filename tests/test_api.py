@@ -205,3 +205,20 @@ def test_default_preset_may_be_a_config():
     qattn.set_default_preset(config)
     assert torch.equal(sdpa(q, k, v), sage_attention(q, k, v, config))
     assert torch.equal(sageattn(q, k, v), sage_attention(q, k, v, config))
+
+
+def test_readme_support_table_matches_the_code():
+    """The README's "What is supported" claims, checked against the code."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("## What is supported"):].split("\n\n")[1]
+    assert f"| head dims | 1..{qattn.api.MAX_HEAD_DIM} " in table
+    assert "fp16, bf16, fp32 in" in table and qattn.api.SUPPORTED_DTYPES == (
+        torch.float16, torch.bfloat16, torch.float32)
+    for name in PRESETS:
+        assert f"`{name}`" in table
+    q, k, v = make_qkv(1, 2, 1, 8, 8, 256)  # GQA, largest head dim
+    assert sageattn(q, k, v).shape == q.shape
+    with pytest.raises(ValueError):
+        sageattn(*make_qkv(1, 2, 2, 8, 8, qattn.api.MAX_HEAD_DIM + 1))

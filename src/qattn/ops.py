@@ -30,14 +30,16 @@ def log_once(message: str) -> None:
         logger.warning(message)
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+_capabilities: dict[int, tuple[int, int]] = {}
 
 
 def device_capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability of a CUDA device, cached (it is asked on every call)."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    """Compute capability of a CUDA device, cached (it is asked on every call; a plain
+    dict rather than lru_cache, which torch.compile warns about)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index]
 
 
 def kernel_skip_reason(q, k, v, config: QuantConfig, attn_mask=None) -> str | None:
