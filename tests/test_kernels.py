@@ -307,3 +307,39 @@ def test_gpu_no_sync_and_stream():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+def _make_mask(kind, b, hq, nq, nk, device):
+    gen = torch.Generator().manual_seed(nq * 7 + nk)
+    if kind == "bool":
+        mask = torch.rand(b, hq, nq, nk, generator=gen) > 0.3
+        mask[0, 0, min(5, nq - 1)] = False  # a fully masked row
+    elif kind == "key_padding":  # [B, 1, 1, Nk]: the last 25% of keys padded in batch 0
+        mask = torch.ones(b, 1, 1, nk, dtype=torch.bool)
+        mask[0, ..., nk - nk // 4:] = False
+    elif kind == "additive":  # [1, H, Nq, Nk] float bias with -inf entries
+        mask = torch.randn(1, hq, nq, nk, generator=gen) * 2
+        mask[..., : nk // 3] = float("-inf")
+    else:  # 2-D [Nq, Nk], broadcast over batch and heads
+        mask = torch.rand(nq, nk, generator=gen) > 0.5
+    return mask.to(device)
+
+
+@pytest.mark.parametrize("kind", ["bool", "key_padding", "additive", "2d"])
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_masks_match_reference(kind, config_name, device):
+    config = CONFIGS[config_name]
+    b, hq, hkv, nq, nk, d = 2, 4, 2, 70, 200, 64
+    q, k, v = make_inputs(b, hq, hkv, nq, nk, d, device=device, k_bias=4.0, seed=21)
+    mask = _make_mask(kind, b, hq, nq, nk, device)
+    out, lse = attention_forward(q, k, v, config, sm_scale=None, attn_mask=mask, return_lse=True)
+    block_kv = block_config(d, False, q.device, config).BLOCK_N
+    ref, ref_lse = reference.sage_attention(q, k, v, config, attn_mask=mask, return_lse=True,
+                                            block_kv=block_kv)
+    assert_close_to_reference(out, ref)
+    assert_lse_close(lse, ref_lse)
+    exact, _ = reference.exact_attention(q, k, v, attn_mask=mask)
+    assert metrics.cosine_similarity(out, exact) >= 0.999
+    if kind == "bool":
+        assert torch.equal(out[0, 0, 5], torch.zeros_like(out[0, 0, 5]))
+        assert torch.isneginf(lse[0, 0, 5])

@@ -206,7 +206,9 @@ def sdpa(
     default preset (:func:`set_default_preset`) when it can, and otherwise torch's
     SDPA, logging the reason once: dropout, inputs requiring grad, dtypes other than
     fp16/bf16/fp32, devices other than CPU/CUDA, non-3/4-D or broadcast shapes,
-    an ``attn_mask`` on CUDA (the kernels take no mask yet; the CPU reference does).
+    masks that do not broadcast to [B, H, L, S]. Bool and additive masks run quantized
+    (on the GPU inside the kernel); a query row whose keys are all masked gives zeros
+    (torch's math backend gives NaN there).
     Fallbacks call torch's original function, captured when qattn was imported.
 
     ``preset`` (keyword-only, beyond torch's contract) picks the preset for this call.
@@ -258,8 +260,6 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, en
         if hq != hkv and not (enable_gqa and hkv > 0 and hq % hkv == 0):
             return f"heads q {hq}, kv {hkv} (torch decides; GQA needs enable_gqa=True)"
     if attn_mask is not None:
-        if query.device.type == "cuda":
-            return "attn_mask on CUDA (the kernels take no mask yet)"
         target = (*query.shape[:-1], key.shape[-2])
         try:
             torch.broadcast_shapes(attn_mask.shape, target)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .api import sageattn
+from .api import sageattn, sdpa
 from .metrics import accuracy
 from .timing import median_ms
 
@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--preset", action="append", default=None,
                         help="qattn presets to time (default: the GPU's default preset)")
+    parser.add_argument("--key-padding", type=float, default=0.0, metavar="FRACTION",
+                        help="mask the last FRACTION of keys with a [B, 1, 1, N] bool mask "
+                        "(non-causal; qattn runs through qattn.sdpa)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=None, help="folder for JSON/markdown/PNG "
                         "(default bench/results/<gpu>)")
@@ -45,39 +48,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _sdpa_backend(name: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
 
-    def call(q, k, v, is_causal):
+    def call(q, k, v, is_causal, mask=None):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
     return call
 
 
-def _methods(presets: list[str]) -> dict:
+def _methods(presets: list[str], masked: bool) -> dict:
+    """name -> fn(q, k, v, is_causal, mask)."""
     methods = {}
     for preset in presets:
-        methods[f"qattn {preset}"] = (
-            lambda q, k, v, is_causal, preset=preset: sageattn(q, k, v, is_causal=is_causal, preset=preset)
-        )
+        if masked:
+            methods[f"qattn {preset}"] = lambda q, k, v, is_causal, mask, preset=preset: sdpa(
+                q, k, v, attn_mask=mask, is_causal=is_causal, preset=preset)
+        else:
+            methods[f"qattn {preset}"] = lambda q, k, v, is_causal, mask, preset=preset: sageattn(
+                q, k, v, is_causal=is_causal, preset=preset)
     methods["SDPA flash"] = _sdpa_backend("flash")
     methods["SDPA cuDNN"] = _sdpa_backend("cudnn")
+    if masked:  # flash takes no mask; the memory-efficient backend does
+        methods["SDPA efficient"] = _sdpa_backend("efficient")
     try:
         import sageattention  # the original package, when a user has it
     except ImportError:
         pass
     else:
-        methods["sageattention"] = lambda q, k, v, is_causal: sageattention.sageattn(
+        methods["sageattention"] = lambda q, k, v, is_causal, mask: sageattention.sageattn(
             q, k, v, tensor_layout="HND", is_causal=is_causal)
     return methods
 
 
-def _fp32_attention(q, k, v, is_causal):
+def _fp32_attention(q, k, v, is_causal, mask=None):
     """fp32 attention without an N^2 buffer (the memory-efficient SDPA backend)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=is_causal)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                              is_causal=is_causal)
 
 
 def run_grid(args, progress=None) -> list[dict]:
@@ -85,8 +96,12 @@ def run_grid(args, progress=None) -> list[dict]:
     device = torch.device("cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     presets = args.preset or [str(__import__("qattn").default_preset(device))]
-    methods = _methods(presets)
-    causal_values = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    masked = args.key_padding > 0
+    methods = _methods(presets, masked)
+    if masked and "sageattention" in methods:
+        del methods["sageattention"]  # its sageattn takes no mask
+    causal_values = {"both": (False, True), "yes": (True,), "no": (False,)}[
+        "no" if masked else args.causal]
     cases = [(d, c, n) for d in args.head_dims for c in causal_values for n in args.seqlens]
     rows = []
     task = progress.add_task("bench", total=len(cases)) if progress else None
@@ -95,25 +110,32 @@ def run_grid(args, progress=None) -> list[dict]:
         gen = torch.Generator(device=device).manual_seed(n + head_dim)
         sets = [tuple(torch.randn(batch, args.heads, n, head_dim, device=device, dtype=dtype,
                                   generator=gen) for _ in range(3)) for _ in range(2)]
+        mask = None
+        if masked:  # every sequence of the batch padded by the same fraction
+            mask = torch.ones(batch, 1, 1, n, dtype=torch.bool, device=device)
+            mask[..., n - int(n * args.key_padding):] = False
+        # Work counted as for the unmasked call: the ratios compare equal work.
         flops = 4 * batch * args.heads * n * n * head_dim / (2 if is_causal else 1)
         times = {}
         for name, fn in methods.items():
             try:
                 with torch.inference_mode():
-                    ms = median_ms(lambda q, k, v: fn(q, k, v, is_causal), sets,
+                    ms = median_ms(lambda q, k, v: fn(q, k, v, is_causal, mask), sets,
                                    warmup=3, repeats=args.repeats)
                 times[name] = ms
             except Exception as err:  # a backend that refuses this shape
                 times[name] = None
                 print(f"{name} D={head_dim} N={n} causal={is_causal}: {type(err).__name__}: {err}")
         q, k, v = (x[:1, :8] for x in sets[0])
+        mask1 = mask[:1] if mask is not None else None
         with torch.inference_mode():
-            ref = _fp32_attention(q, k, v, is_causal)
-            acc = {name: accuracy(methods[name](q, k, v, is_causal), ref)
+            ref = _fp32_attention(q, k, v, is_causal, mask1)
+            acc = {name: accuracy(methods[name](q, k, v, is_causal, mask1), ref)
                    for name in methods if name.startswith("qattn")}
         cudnn = times.get("SDPA cuDNN")
         for name, ms in times.items():
             row = {"method": name, "head_dim": head_dim, "causal": is_causal, "seqlen": n,
+                   "key_padding": args.key_padding,
                    "batch": batch, "heads": args.heads, "dtype": args.dtype, "ms": ms,
                    "tops": flops / (ms * 1e-3) / 1e12 if ms else None,
                    "vs_cudnn": cudnn / ms if ms and cudnn else None}
@@ -177,13 +199,16 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def write_results(rows: list[dict], out_dir: Path, meta: dict) -> None:
+def write_results(rows: list[dict], out_dir: Path, meta: dict, stem: str = "attention") -> None:
+    """``<stem>.json``, ``<stem>.md`` (the tables) and ``<stem>.png`` under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     header = (f"# qattn bench on {meta['gpu']}\n\nCommand: `{meta['command']}`  \n"
               f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}\n")
-    (out_dir / "attention.md").write_text(header + markdown_table(rows))
-    plot(rows, out_dir / "attention.png")
+    if meta.get("note"):
+        header += f"\n{meta['note']}\n"
+    (out_dir / f"{stem}.md").write_text(header + markdown_table(rows))
+    plot(rows, out_dir / f"{stem}.png")
 
 
 def main(args) -> int:
@@ -200,7 +225,12 @@ def main(args) -> int:
             "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d"), "command": "qattn " + " ".join(getattr(args, "argv", ["bench"]))}
     out_dir = Path(args.out) if args.out else Path("bench/results") / re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
-    write_results(rows, out_dir, meta)
+    stem = "attention"
+    if args.key_padding > 0:
+        stem = f"attention_key_padding_{round(args.key_padding * 100)}"
+        meta["note"] = (f"Key-padding mask [B, 1, 1, N]: the last {args.key_padding:.0%} of keys "
+                        "masked; TOPS count the unmasked work, so ratios compare equal work.")
+    write_results(rows, out_dir, meta, stem)
     if args.json:
         print(json.dumps(rows, indent=1))
     print(markdown_table(rows))

@@ -46,8 +46,11 @@ def kernel_skip_reason(q, k, v, config: QuantConfig, attn_mask=None) -> str | No
     """None when the Triton kernels can run this call, else why not."""
     if q.device.type != "cuda":
         return f"device {q.device.type!r} has no Triton kernels"
-    if attn_mask is not None:
-        return "attn_mask (the kernels take no mask yet)"
+    if attn_mask is not None and (
+        attn_mask.device != q.device
+        or (attn_mask.dtype != torch.bool and not attn_mask.is_floating_point())
+    ):
+        return f"attn_mask of dtype {attn_mask.dtype} on {attn_mask.device}"
     capability = device_capability(q.device)
     if capability < (8, 0):
         return f"compute capability {capability} < (8, 0)"
@@ -74,7 +77,7 @@ def _run(q, k, v, attn_mask, config, sm_scale, causal_offset, return_lse, out_nh
             out = out_hnd = q.new_empty(batch, heads, nq, v.shape[-1])
         _, lse = kernels.attention_forward(
             q, k, v, config, sm_scale=sm_scale, causal_offset=causal_offset,
-            return_lse=return_lse, out=out_hnd, check=False,
+            return_lse=return_lse, out=out_hnd, attn_mask=attn_mask, check=False,
         )
         return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
 

@@ -151,10 +151,13 @@ def _i32_to_f32(x):
 def _attn_inner(
     acc, l_i, m_i, q_i8, q_scale, offs_m, offs_d,
     k_base, ks_base, v_base, lo, hi, N_K, N_K_PAD, causal_offset,
+    mask_base, stride_mq, stride_mk, row_ok,
     DPAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
     PV_FP8: tl.constexpr, PV_ACC_FP16: tl.constexpr, EXACT: tl.constexpr, P_SHIFT: tl.constexpr,
 ):
-    """Online softmax over K/V blocks [lo, hi). MASKED: apply the bounds/causal mask."""
+    """Online softmax over K/V blocks [lo, hi). MASKED: apply the bounds/causal mask and
+    the user's mask (MASK_KIND 1: bool, True = keep; 2: additive, natural-log units)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -172,6 +175,14 @@ def _attn_inner(
             keep = offs_n[None, :] < N_K
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            if MASK_KIND != 0:
+                in_range = row_ok[:, None] & (offs_n[None, :] < N_K)
+                mask_ptrs = mask_base + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk
+                if MASK_KIND == 1:
+                    keep = keep & (tl.load(mask_ptrs, mask=in_range, other=0) != 0)
+                else:
+                    bias = tl.load(mask_ptrs, mask=in_range, other=0.0).to(tl.float32)
+                    s = s + bias * 1.4426950408889634  # natural log -> log2 domain
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -212,11 +223,12 @@ def _attn_fwd_kernel(
     K_q, K_scale, V_q, Stats,
     O, stride_ob, stride_oh, stride_on, stride_od,
     LSE,
+    Mask, stride_mb, stride_mh, stride_mq, stride_mk,
     score_scale, sm_scale,
     H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, STATS_STRIDE, causal_offset,
     HEAD_DIM: tl.constexpr, DPAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_GROUP: tl.constexpr,
-    CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, PV_ACC_FP16: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PV_FP8: tl.constexpr, PV_ACC_FP16: tl.constexpr,
     SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, RETURN_LSE: tl.constexpr,
     EXACT: tl.constexpr, P_SHIFT: tl.constexpr,
 ):
@@ -277,16 +289,21 @@ def _attn_fwd_kernel(
     else:
         hi = N_K
         lo_masked = n_full
+    if MASK_KIND != 0:  # a user mask: every block goes through the masked loop
+        lo_masked = 0
+    mask_base = Mask + b * stride_mb + h * stride_mh
 
     acc, l_i, m_i = _attn_inner(
         acc, l_i, m_i, q_i8, q_scale, offs_m, offs_d,
         k_base, ks_base, v_base, 0, lo_masked, N_K, N_K_PAD, causal_offset,
-        DPAD, BLOCK_N, False, CAUSAL, PV_FP8, PV_ACC_FP16, EXACT, P_SHIFT,
+        mask_base, stride_mq, stride_mk, row_ok,
+        DPAD, BLOCK_N, False, CAUSAL, MASK_KIND, PV_FP8, PV_ACC_FP16, EXACT, P_SHIFT,
     )
     acc, l_i, m_i = _attn_inner(
         acc, l_i, m_i, q_i8, q_scale, offs_m, offs_d,
         k_base, ks_base, v_base, lo_masked, hi, N_K, N_K_PAD, causal_offset,
-        DPAD, BLOCK_N, True, CAUSAL, PV_FP8, PV_ACC_FP16, EXACT, P_SHIFT,
+        mask_base, stride_mq, stride_mk, row_ok,
+        DPAD, BLOCK_N, True, CAUSAL, MASK_KIND, PV_FP8, PV_ACC_FP16, EXACT, P_SHIFT,
     )
 
     # -- epilogue --
@@ -362,6 +379,7 @@ def attention_forward(
     causal_offset: int | None = None,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
     check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Quantized attention forward on [B, H, N, D] views (any strides; nothing is copied).
@@ -374,6 +392,9 @@ def attention_forward(
             j <= i + causal_offset (0: top-left aligned; Nk - Nq: bottom-right).
         return_lse: also return the natural-log LSE [B, Hq, Nq] fp32.
         out: optional [B, Hq, Nq, D] view (any strides) of q's dtype to write into.
+        attn_mask: None, or a bool (True = attend) or additive float mask broadcastable to
+            [B, Hq, Nq, Nk] (read through broadcast strides, never expanded in memory);
+            a row whose keys are all masked gives 0 (and LSE -inf).
         check: run :func:`supports` first (callers that already did pass False).
 
     Returns:
@@ -408,16 +429,22 @@ def attention_forward(
     nk_pad = kv.k_q.shape[-2]
     blocks = block_config(head_dim, causal, q.device, config)
     grid = (triton.cdiv(nq, blocks.BLOCK_M), batch * hq)
+    if attn_mask is None:
+        mask, mask_strides, mask_kind = out, (0, 0, 0, 0), 0
+    else:
+        mask = attn_mask.expand(batch, hq, nq, nk)  # a view: broadcast dims get stride 0
+        mask_strides, mask_kind = mask.stride(), 1 if mask.dtype == torch.bool else 2
     _attn_fwd_kernel[grid](
         q, *q.stride(),
         kv.k_q, kv.k_scale, kv.v_q, kv.stats,
         out, *out.stride(),
         lse if lse is not None else out,
+        mask, *mask_strides,
         sm_scale * LOG2E, sm_scale,
         hq, hq // hkv, nq, nk, nk_pad, batch * hkv * dpad, int(causal_offset) if causal else 0,
         HEAD_DIM=head_dim, DPAD=dpad,
         BLOCK_M=blocks.BLOCK_M, BLOCK_N=blocks.BLOCK_N, Q_GROUP=config.q_group,
-        CAUSAL=causal, PV_FP8=config.pv_dtype is PVDtype.FP8,
+        CAUSAL=causal, MASK_KIND=mask_kind, PV_FP8=config.pv_dtype is PVDtype.FP8,
         PV_ACC_FP16=config.pv_accum is PVAccum.FP16,
         SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, RETURN_LSE=return_lse,
         EXACT=interpreting(), P_SHIFT=LOG2_FP8_MAX if config.pv_dtype is PVDtype.FP8 else 0.0,
