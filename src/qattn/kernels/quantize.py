@@ -325,14 +325,10 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: QuantConfig) -> Quanti
 
     k_q = torch.empty((batch, heads, nk_pad, dpad), dtype=torch.int8, device=device)
     k_scale = torch.empty((batch, heads, nk_pad), dtype=torch.float32, device=device)
-    # Padded V entries are stored as zeros by the kernel, but on an H100 the FP8 buffer's
-    # padding was seen holding stale bytes (NaN among them) when Nk or D needs padding,
-    # root cause not found (docs/kernel_notes.md): such buffers start zeroed instead.
-    alloc = torch.zeros if (nk_pad != nk or dpad != head_dim) else torch.empty
     if v_fp8:
-        v_q = alloc((batch, heads, dpad, nk_pad), dtype=torch.float8_e4m3fn, device=device)
+        v_q = torch.empty((batch, heads, dpad, nk_pad), dtype=torch.float8_e4m3fn, device=device)
     else:
-        v_q = alloc((batch, heads, nk_pad, dpad), dtype=torch.float16, device=device)
+        v_q = torch.empty((batch, heads, nk_pad, dpad), dtype=torch.float16, device=device)
     stats = torch.empty((3, batch, heads, dpad), dtype=torch.float32, device=device)
 
     # Tiles measured on an H100 (docs/kernel_notes.md): 256 x 64 with 8 warps at D=64,
