@@ -35,7 +35,6 @@ __all__ = [
     "quantize_per_group",
     "quantize_v_fp8",
     "sage_attention",
-    "sage_attention_varlen",
     "exact_attention",
 ]
 
@@ -269,36 +268,3 @@ def exact_attention(
     out = torch.matmul(p, vd).masked_fill(empty.unsqueeze(-1), 0.0)
     return out, lse
 
-
-def sage_attention_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    config: QuantConfig,
-    *,
-    sm_scale: float | None = None,
-    is_causal: bool = False,
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """:func:`sage_attention` over packed sequences, one sequence at a time.
-
-    q [total_q, Hq, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv]; sequence i owns rows
-    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of q and ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``
-    of k and v. Smoothing and quantization statistics are per sequence; causal is
-    bottom-right aligned per sequence. Returns O [total_q, Hq, Dv] and LSE [Hq, total_q].
-    """
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
-    lse = torch.full((q.shape[1], q.shape[0]), -math.inf, device=q.device)
-    for i in range(len(starts_q) - 1):
-        q0, q1, k0, k1 = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
-        if q1 == q0:
-            continue
-        qi, ki, vi = (x.transpose(0, 1).unsqueeze(0) for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        o, l = sage_attention(qi, ki, vi, config, sm_scale=sm_scale, return_lse=True,
-                              causal_offset=(k1 - k0) - (q1 - q0) if is_causal else None)
-        out[q0:q1] = o[0].transpose(0, 1)
-        lse[:, q0:q1] = l[0]
-    return (out, lse) if return_lse else out
