@@ -343,3 +343,10 @@ def test_masks_match_reference(kind, config_name, device):
     if kind == "bool":
         assert torch.equal(out[0, 0, 5], torch.zeros_like(out[0, 0, 5]))
         assert torch.isneginf(lse[0, 0, 5])
+
+
+@pytest.mark.parametrize("head_dim", [8, 40, 72, 160, 192, 256])
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_head_dims_padded_to_a_power_of_two(head_dim, config_name, device):
+    """Any D up to 256: stored padded to the next power of two (>= 32), exact for dots."""
+    _check_case(config_name, (1, 2, 1, 70, 150, head_dim, 4.0), "bottom-right", device)

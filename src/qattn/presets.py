@@ -192,20 +192,17 @@ def resolve_config(
     else:
         config = get_preset(preset)
 
-    if "qk_quant_gran" in options:
-        value = options.pop("qk_quant_gran")
-        if value not in _ORIGINAL_GRANULARITY:
-            raise ValueError(
-                f"qk_quant_gran: got {value!r}; accepted: {', '.join(map(repr, _ORIGINAL_GRANULARITY))}"
-            )
-        options["granularity"] = _ORIGINAL_GRANULARITY[value]
-    if "pv_accum_dtype" in options:
-        value = options.pop("pv_accum_dtype")
-        if value not in _ORIGINAL_PV_ACCUM:
-            raise ValueError(
-                f"pv_accum_dtype: got {value!r}; accepted: {', '.join(map(repr, _ORIGINAL_PV_ACCUM))}"
-            )
-        options["pv_accum"] = _ORIGINAL_PV_ACCUM[value]
+    for original, field, mapping in (
+        ("qk_quant_gran", "granularity", _ORIGINAL_GRANULARITY),
+        ("pv_accum_dtype", "pv_accum", _ORIGINAL_PV_ACCUM),
+    ):
+        if original in options:
+            value = options.pop(original)
+            if value not in mapping:
+                raise ValueError(
+                    f"{original}: got {value!r}; accepted: {', '.join(map(repr, mapping))}"
+                )
+            options[field] = mapping[value]
 
     fields = _FIELD_NAMES
     unknown = sorted(set(options) - fields)
