@@ -206,14 +206,17 @@ def sdpa(
     default preset (:func:`set_default_preset`) when it can, and otherwise torch's
     SDPA, logging the reason once: dropout, inputs requiring grad, dtypes other than
     fp16/bf16/fp32, devices other than CPU/CUDA, non-3/4-D or broadcast shapes,
-    masks that do not broadcast to [B, H, L, S]. Bool and additive masks run quantized
+    masks that do not broadcast to [B, H, L, S], and on CUDA what the Triton kernels do not
+    run (e.g. Dv != D, INT4 presets: torch's SDPA beats the reference on a GPU). Bool and
+    additive masks run quantized
     (on the GPU inside the kernel); a query row whose keys are all masked gives zeros
     (torch's math backend gives NaN there).
     Fallbacks call torch's original function, captured when qattn was imported.
 
     ``preset`` (keyword-only, beyond torch's contract) picks the preset for this call.
     """
-    reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
+                                   preset)
     if reason is not None:
         ops.log_once(f"qattn.sdpa: using torch SDPA: {reason}")
         kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
@@ -234,7 +237,8 @@ def sdpa(
     return result.squeeze(1) if squeeze else result
 
 
-def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
+                          preset=None):
     """Why :func:`sdpa` cannot take the quantized path, or None."""
     tensors = (query, key, value)
     if not all(isinstance(x, torch.Tensor) for x in tensors):
@@ -269,4 +273,10 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, en
             return f"attn_mask dtype {attn_mask.dtype}"
     if query.numel() == 0 or key.numel() == 0:
         return "empty tensors"
+    if query.device.type == "cuda":
+        q, k, v = (x.unsqueeze(1) if x.dim() == 3 else x for x in tensors)
+        config = resolve_config(preset, default_preset(query.device))
+        reason = ops.kernel_skip_reason(q, k, v, config, attn_mask)
+        if reason is not None:
+            return f"the Triton kernels do not run this call: {reason}"
     return None

@@ -168,13 +168,13 @@ def original_sdpa() -> Callable:
 
 
 def fallback_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                    scale=None, enable_gqa=False) -> str | None:
+                    scale=None, enable_gqa=False, preset=None) -> str | None:
     """Why :func:`qattn.sdpa` would hand this call to torch's SDPA, or None (quantized).
 
     Asks qattn's own fallback logic (``qattn.api._sdpa_fallback_reason``).
     """
     return api._sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal,
-                                     enable_gqa)
+                                     enable_gqa, preset)
 
 
 def _qattn_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, preset):
@@ -193,7 +193,8 @@ def route_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     """
     torch_sdpa = torch_sdpa or original_sdpa()
     gqa = {"enable_gqa": enable_gqa} if enable_gqa else {}
-    reason = fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    reason = fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                             preset)
     if reason is None:
         depth = getattr(_local, "depth", 0)
         _local.depth, _local.inner_fallback = depth + 1, False
