@@ -274,14 +274,14 @@ def _quantize_kv_kernel(
             x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
             in_buf = t < t_stop
             if V_FP8:
-                # Padded channels are stored as exact zeros (seen otherwise on an H100 when
-                # HEAD_DIM < DPAD: the attention kernel reads V without masks).
-                y = tl.where(d_ok[None, :], x * inv[None, :], 0.0)
+                y = x * inv[None, :]
                 if EXACT_FP8:
                     y = _round_to_e4m3_grid(y)
-                # Transposed [DPAD, N_PAD]: tokens contiguous (K-major for FP8 wgmma).
+                # Transposed [DPAD, N_PAD]: tokens contiguous (K-major for FP8 wgmma). Padded
+                # channels are not stored: the host zeroes them (on an H100 this store left
+                # nonzero bytes there; docs/kernel_notes.md, "Known defect").
                 tl.store(v_out + offs_d[None, :] * N_PAD + t[:, None], y.to(tl.float8e4nv),
-                         mask=in_buf[:, None])
+                         mask=in_buf[:, None] & d_ok[None, :])
             else:
                 tl.store(v_out + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16),
                          mask=in_buf[:, None])
@@ -326,7 +326,9 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: QuantConfig) -> Quanti
     k_q = torch.empty((batch, heads, nk_pad, dpad), dtype=torch.int8, device=device)
     k_scale = torch.empty((batch, heads, nk_pad), dtype=torch.float32, device=device)
     if v_fp8:
-        v_q = torch.empty((batch, heads, dpad, nk_pad), dtype=torch.float8_e4m3fn, device=device)
+        # Rows of padded channels are zeroed here, not by the kernel (see its store).
+        alloc = torch.zeros if dpad != head_dim else torch.empty
+        v_q = alloc((batch, heads, dpad, nk_pad), dtype=torch.float8_e4m3fn, device=device)
     else:
         v_q = torch.empty((batch, heads, nk_pad, dpad), dtype=torch.float16, device=device)
     stats = torch.empty((3, batch, heads, dpad), dtype=torch.float32, device=device)
