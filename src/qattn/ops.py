@@ -3,7 +3,9 @@
 Being an opaque op with a fake (meta) implementation lets ``torch.compile`` trace
 through ``qattn.sageattn`` / ``qattn.sdpa`` without a graph break and lets the
 Triton launches be captured in CUDA graphs. Inside, it runs the Triton kernels when
-they support the call and the PyTorch reference otherwise.
+they support the call and the PyTorch reference otherwise. Eager calls of
+:func:`attention` run the op's body directly (the dispatcher costs host time that short
+sequences feel); under ``torch.compile`` they go through the op.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from . import reference
 from .presets import QuantConfig
 
-__all__ = ["attention", "kernel_skip_reason"]
+__all__ = ["attention", "kernel_skip_reason", "device_capability", "log_once"]
 
 logger = logging.getLogger("qattn")
 _logged: set[str] = set()
