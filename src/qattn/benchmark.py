@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .api import sageattn, sdpa
+from .api import default_preset, sageattn, sdpa
 from .metrics import accuracy
 from .timing import median_ms
 
@@ -95,7 +95,7 @@ def run_grid(args, progress=None) -> list[dict]:
     """Time every (head dim, causal, N) case; one row per case and method."""
     device = torch.device("cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    presets = args.preset or [str(__import__("qattn").default_preset(device))]
+    presets = args.preset or [str(default_preset(device))]
     masked = args.key_padding > 0
     methods = _methods(presets, masked)
     if masked and "sageattention" in methods:

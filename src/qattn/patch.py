@@ -139,6 +139,55 @@ def _preset_label(preset) -> str | None:
     return repr(preset)
 
 
+class IntegrationRegistration:
+    """What the transformers and diffusers integrations share: a name registered with a
+    library, its preset and counters. Subclasses set ``registry`` (their own dict of
+    live registrations, by name) and ``kind``, and implement ``_remove()``."""
+
+    registry: dict[str, "IntegrationRegistration"]
+    kind: str
+
+    def __init__(self, name: str, preset) -> None:
+        self.name = name
+        self.preset = preset
+        self._stats = _Stats()
+
+    @property
+    def active(self) -> bool:
+        return self.registry.get(self.name) is self
+
+    def report(self) -> PatchReport:
+        """Calls through this registration so far: quantized, fallback (why)."""
+        return self._stats.report(self.preset, self.active)
+
+    def reset_report(self) -> None:
+        self._stats.reset()
+
+    def unregister(self) -> None:
+        """Remove the registration from its library (no-op once removed)."""
+        if not self.active:
+            return
+        self._remove()
+        del self.registry[self.name]
+
+    def _remove(self) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def unregister_name(cls, name: str) -> None:
+        """Undo the registration called ``name`` (no-op if qattn did not register it)."""
+        registration = cls.registry.get(name)
+        if registration is not None:
+            registration.unregister()
+
+    @classmethod
+    def report_name(cls, name: str) -> PatchReport:
+        """The counters of the registration called ``name``."""
+        if name not in cls.registry:
+            raise KeyError(f"no qattn {cls.kind} named {name!r}; registered: {sorted(cls.registry)}")
+        return cls.registry[name].report()
+
+
 # --------------------------------------------------------------------------------------
 # The routing every integration shares
 # --------------------------------------------------------------------------------------

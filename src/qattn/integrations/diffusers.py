@@ -38,7 +38,7 @@ import re
 
 import torch
 
-from ..patch import PatchReport, _Stats, route_sdpa
+from ..patch import IntegrationRegistration, PatchReport, route_sdpa
 from ..presets import QuantConfig, resolve_config
 
 __all__ = ["register", "unregister", "report", "Registration"]
@@ -85,31 +85,19 @@ def _remove_enum_member(enum_cls, member) -> None:
         type.__delattr__(enum_cls, member._name_)
 
 
-class Registration:
+class Registration(IntegrationRegistration):
     """One registered backend: its enum member, preset, counters, ``unregister()``."""
 
+    registry = _registrations
+    kind = "backend"
+
     def __init__(self, name: str, preset, member) -> None:
-        self.name = name
-        self.preset = preset
+        super().__init__(name, preset)
         self.member = member
-        self._stats = _Stats()
 
-    @property
-    def active(self) -> bool:
-        return _registrations.get(self.name) is self
-
-    def report(self) -> PatchReport:
-        """Calls through this backend so far: quantized, fallback (why)."""
-        return self._stats.report(self.preset, self.active)
-
-    def reset_report(self) -> None:
-        self._stats.reset()
-
-    def unregister(self) -> None:
+    def _remove(self) -> None:
         """Remove the backend and its enum member; models or the global active backend
         still set to it go back to ``"native"``."""
-        if not self.active:
-            return
         dispatch = _dispatch_module()
         registry, names = dispatch._AttentionBackendRegistry, dispatch.AttentionBackendName
         if registry._active_backend is self.member:
@@ -118,7 +106,6 @@ class Registration:
             table.pop(self.member, None)
         registry._supports_context_parallel.discard(self.name)
         _remove_enum_member(names, self.member)
-        del _registrations[self.name]
 
     def __repr__(self) -> str:
         return f"<qattn diffusers backend {self.name!r} preset={self.preset!r}>"
@@ -202,13 +189,9 @@ def register(name: str = "qattn", preset: str | QuantConfig | None = None) -> Re
 
 def unregister(name: str = "qattn") -> None:
     """Undo :func:`register` for ``name`` (no-op if not registered by qattn)."""
-    registration = _registrations.get(name)
-    if registration is not None:
-        registration.unregister()
+    Registration.unregister_name(name)
 
 
 def report(name: str = "qattn") -> PatchReport:
     """The counters of the backend called ``name``."""
-    if name not in _registrations:
-        raise KeyError(f"no qattn backend named {name!r}; registered: {sorted(_registrations)}")
-    return _registrations[name].report()
+    return Registration.report_name(name)

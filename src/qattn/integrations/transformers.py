@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..patch import PatchReport, _Stats, fallback_reason, route_sdpa
+from ..patch import IntegrationRegistration, PatchReport, _Stats, fallback_reason, route_sdpa
 from ..presets import QuantConfig, resolve_config
 
 __all__ = ["register", "unregister", "report", "attention_forward", "Registration"]
@@ -43,13 +43,14 @@ logger = logging.getLogger("qattn")
 _registrations: dict[str, "Registration"] = {}
 
 
-class Registration:
+class Registration(IntegrationRegistration):
     """One registered name: its preset, its counters, ``unregister()``."""
 
+    registry = _registrations
+    kind = "registration"
+
     def __init__(self, name: str, preset: str | QuantConfig | None) -> None:
-        self.name = name
-        self.preset = preset
-        self._stats = _Stats()
+        super().__init__(name, preset)
 
         def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                     is_causal=None, **kwargs):
@@ -60,29 +61,15 @@ class Registration:
         forward.__name__ = forward.__qualname__ = f"qattn_attention_forward[{name}]"
         self.forward = forward
 
-    @property
-    def active(self) -> bool:
-        return _registrations.get(self.name) is self
-
-    def report(self) -> PatchReport:
-        """Calls through this name so far: quantized, fallback (why), as a PatchReport."""
-        return self._stats.report(self.preset, self.active)
-
-    def reset_report(self) -> None:
-        self._stats.reset()
-
-    def unregister(self) -> None:
+    def _remove(self) -> None:
         """Remove the name from transformers' registries (models already set to it then
         fail at their next forward; switch them first with ``set_attn_implementation``)."""
-        if not self.active:
-            return
         from transformers import AttentionInterface
 
         AttentionInterface._global_mapping.pop(self.name, None)
         mask_interface = _mask_interface()
         if mask_interface is not None:
             mask_interface._global_mapping.pop(self.name, None)
-        del _registrations[self.name]
 
     def __repr__(self) -> str:
         return f"<qattn transformers registration {self.name!r} preset={self.preset!r}>"
@@ -137,16 +124,12 @@ def register(name: str = "qattn", preset: str | QuantConfig | None = None) -> Re
 
 def unregister(name: str = "qattn") -> None:
     """Undo :func:`register` for ``name`` (no-op if not registered by qattn)."""
-    registration = _registrations.get(name)
-    if registration is not None:
-        registration.unregister()
+    Registration.unregister_name(name)
 
 
 def report(name: str = "qattn") -> PatchReport:
     """The counters of the registration called ``name``."""
-    if name not in _registrations:
-        raise KeyError(f"no qattn registration named {name!r}; registered: {sorted(_registrations)}")
-    return _registrations[name].report()
+    return Registration.report_name(name)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -24,7 +24,6 @@ Numerics are those of :func:`qattn.reference.sage_attention` with ``block_kv=BLO
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -32,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import device_capability
 from ..presets import PVAccum, PVDtype, QKDtype, QuantConfig
 from .quantize import (
     _group_amax,
@@ -101,16 +101,10 @@ _TABLES = {9: _HOPPER, 8: _AMPERE_ADA}
 _BLOCK_OVERRIDE: BlockConfig | None = None
 
 
-@functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return (9, 0)  # interpreter: tile like Hopper
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return device_capability(device)
 
 
 def block_config(
