@@ -13,7 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import qattn
 from qattn import PRESETS
-from qattn.kernels import attention_forward, quantize_kv
+from qattn.kernels import attention as attn
+from qattn.kernels import attention_forward, block_config, quantize_kv
+from qattn.timing import median_ms
 
 
 def per_call_us(fn, calls=300):
@@ -48,6 +50,24 @@ def main():
     print("| call | host us/call |\n| --- | --- |")
     for name, fn in rows.items():
         print(f"| {name} | {per_call_us(fn):.1f} |")
+    tma_cost(cfg)
+
+
+def tma_cost(cfg):
+    """TMA descriptors on and off: host time at a tiny shape, and the whole call at
+    [4, 32, N, 128] (median of CUDA-event timings), where short N is host-bound."""
+    table = block_config(128, False, "cuda", cfg)
+    q, k, v = (torch.randn(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    print("\n| K/V loads | host us/call | whole call ms, N=1024 | N=2048 | N=4096 |\n| --- | --- | --- | --- | --- |")
+    big = {n: [tuple(torch.randn(4, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+                     for _ in range(3)) for _ in range(2)] for n in (1024, 2048, 4096)}
+    for use_tma in (False, True):
+        attn._BLOCK_OVERRIDE = table._replace(tma=use_tma)
+        host = per_call_us(lambda: attention_forward(q, k, v, cfg, sm_scale=None))
+        ms = [median_ms(lambda *x: attention_forward(*x, cfg, sm_scale=None), sets, repeats=30)
+              for sets in big.values()]
+        print(f"| {'TMA' if use_tma else 'pointers'} | {host:.1f} | " + " | ".join(f"{m:.3f}" for m in ms) + " |")
+    attn._BLOCK_OVERRIDE = None
 
 
 if __name__ == "__main__":

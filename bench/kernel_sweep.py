@@ -2,6 +2,8 @@
 
     PYTHONPATH=src python3 bench/kernel_sweep.py sweep   # block-size sweep at N=4096
     PYTHONPATH=src python3 bench/kernel_sweep.py table   # TOPS table vs SDPA cuDNN / flash
+    PYTHONPATH=src python3 bench/kernel_sweep.py masks   # mask variants (block skipping on/off)
+    PYTHONPATH=src python3 bench/kernel_sweep.py tma     # TMA descriptor loads vs pointer loads
 
 Whole call timed (K/V quantization launch included), triton.testing.do_bench median.
 TOPS = 4 * B * H * N^2 * D / time, halved for causal.
@@ -144,11 +146,95 @@ def table():
     return rows
 
 
+def masks():
+    """Masked calls at D=128, sage2-8b: a [B,1,1,N] key-padding mask (25% padded, and 0%
+    padded: the cost of reading a mask), a general [B,1,N,N] mask with the same padding,
+    with the skipping of fully masked blocks on and off; unmasked and cuDNN beside."""
+    rows = []
+    cfg = PRESETS["sage2-8b"]
+    print("| N | variant | qattn ms | TOPS (unmasked work) | cuDNN ms (same mask) | ratio |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for n, batch in ((4096, 4), (16384, 1)):
+        g = torch.Generator(device="cuda").manual_seed(1)
+        q, k, v = (torch.randn(batch, H, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(3))
+        flops = 4 * batch * H * n * n * 128
+        pad25 = torch.ones(batch, 1, 1, n, dtype=torch.bool, device="cuda")
+        pad25[..., n - n // 4:] = False
+        variants = {
+            "unmasked": (None, True),
+            "key pad 0%": (torch.ones_like(pad25), True),
+            "key pad 25%, skip": (pad25, True),
+            "key pad 25%, no skip": (pad25, False),
+            "[B,1,N,N] pad 25%, skip": (pad25.expand(batch, 1, n, n).contiguous(), True),
+            "[B,1,N,N] pad 25%, no skip": (pad25.expand(batch, 1, n, n).contiguous(), False),
+        }
+        for name, (mask, skip) in variants.items():
+            attn._SKIP_EMPTY_BLOCKS = skip
+            fn = lambda: attn.attention_forward(q, k, v, cfg, sm_scale=None, attn_mask=mask)  # noqa: E731
+            fn()
+            ms = bench(fn)
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                ref = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+                try:
+                    ref()
+                    cudnn_ms = bench(ref)
+                except Exception as err:  # noqa: BLE001
+                    cudnn_ms = float("nan")
+                    print("cudnn refused", name, repr(err)[:120])
+            row = dict(n=n, variant=name, ms=ms, tops=flops / ms / 1e9, cudnn_ms=cudnn_ms,
+                       ratio=cudnn_ms / ms)
+            rows.append(row)
+            print(f"| {n} | {name} | {ms:.3f} | {row['tops']:.0f} | {cudnn_ms:.3f} | {row['ratio']:.2f}x |",
+                  flush=True)
+        attn._SKIP_EMPTY_BLOCKS = True
+    return rows
+
+
+def tma():
+    """K/V tiles through TMA descriptors or pointer loads, for a few tilings, N=4096."""
+    rows = []
+    BC = attn.BlockConfig
+    plan = {
+        (128, "sage2-8b"): [BC(64, 128, 4, 3), BC(128, 128, 8, 3), BC(128, 128, 8, 2), BC(64, 128, 4, 4)],
+        (64, "sage2-8b"): [BC(64, 128, 4, 3), BC(128, 128, 8, 3)],
+        (128, "sage1"): [BC(128, 128, 8, 3)],
+    }
+    print("| D | preset | causal | tile | pointer loads TOPS | TMA TOPS |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (d, preset), cands in plan.items():
+        q, k, v = inputs(4096, d)
+        for causal in (False, True):
+            for cand in cands:
+                row = dict(d=d, preset=preset, causal=causal, cfg=tuple(cand))
+                for use_tma in (False, True):
+                    attn._BLOCK_OVERRIDE = cand._replace(tma=use_tma)
+                    key = "tma" if use_tma else "pointer"
+                    try:
+                        fn = run_qattn(q, k, v, preset, causal)
+                        out = fn()[0]
+                        attn._BLOCK_OVERRIDE = cand._replace(tma=False)
+                        ref = run_qattn(q, k, v, preset, causal)()[0]
+                        attn._BLOCK_OVERRIDE = cand._replace(tma=use_tma)
+                        row[key + "_equal"] = bool(torch.equal(out, ref))
+                        row[key] = tops(bench(fn), 4096, d, causal)
+                    except Exception as err:  # noqa: BLE001
+                        row[key] = float("nan")
+                        row[key + "_error"] = repr(err)[:300]
+                rows.append(row)
+                print(f"| {d} | {preset} | {causal} | {tuple(cand)} | {row['pointer']:.0f} | "
+                      f"{row['tma']:.0f} (same output: {row.get('tma_equal')}) |", flush=True)
+                if "tma_error" in row:
+                    print(row["tma_error"])
+    attn._BLOCK_OVERRIDE = None
+    return rows
+
+
 if __name__ == "__main__":
     out_dir = os.environ.get("OUT", ".")
     what = sys.argv[1:] or ["table"]
     all_results = {}
     for w in what:
-        all_results[w] = {"sweep": sweep, "table": table, "info": info}[w]()
+        all_results[w] = {"sweep": sweep, "table": table, "info": info, "masks": masks, "tma": tma}[w]()
     with open(os.path.join(out_dir, f"kernel_{'_'.join(what)}.json"), "w") as f:
         json.dump(all_results, f, indent=1)

@@ -119,6 +119,8 @@ def _good():
     (lambda a: a.update(sm_scale="0.1"), TypeError, r"sm_scale: expected a finite number"),
     (lambda a: a.update(sm_scale=float("nan")), TypeError, r"sm_scale"),
     (lambda a: a.update(**dict(zip("qkv", make_qkv(1, 2, 2, 4, 4, 300)))), ValueError, r"head dims must be in 1..256"),
+    (lambda a: a.update(decode="always"), ValueError, r"decode: got 'always'; accepted: 'auto', 'quantized', 'sdpa'"),
+    (lambda a: a.update(decode="sdpa", return_lse=True), ValueError, r"decode='sdpa'.*cannot return the LSE"),
 ])
 def test_validation_errors(change, exc, pattern):
     q, k, v = _good()
@@ -222,3 +224,80 @@ def test_readme_support_table_matches_the_code():
     assert sageattn(q, k, v).shape == q.shape
     with pytest.raises(ValueError):
         sageattn(*make_qkv(1, 2, 2, 8, 8, qattn.api.MAX_HEAD_DIM + 1))
+
+
+# -- short queries (decode) --
+
+@pytest.mark.parametrize("nq,is_causal", [(1, True), (5, True), (5, False), (16, True)])
+def test_decode_sdpa_keeps_the_bottom_right_contract(nq, is_causal):
+    """decode='sdpa' (what "auto" picks for Nq <= 16 on a GPU) computes sageattn's
+    contract with torch's SDPA: GQA, bottom-right causal, NHD."""
+    q, k, v = make_qkv(2, 8, 2, nq, 40, 64, seed=nq)
+    out = sageattn(q, k, v, is_causal=is_causal, decode="sdpa")
+    exact, _ = exact_attention(q, k, v, causal_offset=40 - nq if is_causal else None)
+    assert accuracy(out, exact)["cosine"] > 0.99999
+    quantized = sageattn(q, k, v, is_causal=is_causal, decode="quantized")
+    assert accuracy(quantized, exact)["cosine"] > 0.999 and not torch.equal(quantized, out)
+    nhd = sageattn(*(x.transpose(1, 2) for x in (q, k, v)), tensor_layout="NHD",
+                   is_causal=is_causal, decode="sdpa")
+    assert nhd.shape == (2, nq, 8, 64) and torch.equal(nhd.transpose(1, 2), out)
+
+
+def test_decode_auto_is_quantized_on_the_cpu():
+    q, k, v = make_qkv(1, 2, 2, 1, 30, 32, seed=4)
+    assert torch.equal(sageattn(q, k, v), sageattn(q, k, v, decode="quantized"))
+
+
+# -- varlen --
+
+def _packed(lens_q, lens_k, hq=4, hkv=2, d=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), hq, d, generator=gen).bfloat16()
+    k = torch.randn(sum(lens_k), hkv, d, generator=gen).bfloat16()
+    v = torch.randn(sum(lens_k), hkv, d, generator=gen).bfloat16()
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sageattn_varlen_is_sageattn_per_sequence(is_causal):
+    lens_q, lens_k = [3, 50, 0, 20], [10, 50, 4, 20]
+    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, seed=1)
+    out, lse = qattn.sageattn_varlen(q, k, v, cu_q, cu_k, 50, 50, is_causal=is_causal,
+                                     return_lse=True)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0])
+    for b in range(4):
+        q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        if q1 == q0:
+            continue
+        alone, alone_lse = sageattn(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                                    tensor_layout="NHD", is_causal=is_causal, return_lse=True)
+        assert torch.equal(out[q0:q1], alone[0]) and torch.equal(lse[:, q0:q1], alone_lse[0])
+
+
+def _good_varlen():
+    q, k, v, cu_q, cu_k = _packed([3, 5], [4, 6])
+    return dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=6)
+
+
+@pytest.mark.parametrize("change,exc,pattern", [
+    (lambda a: a.update(q=a["q"][None]), ValueError, r"q: expected a packed 3-D tensor"),
+    (lambda a: a.update(k=a["k"].half()), TypeError, r"k, v: dtypes must equal q's"),
+    (lambda a: a.update(v=a["v"][:-1]), ValueError, r"v: must match k in tokens and heads"),
+    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].float()), ValueError, r"cu_seqlens_q: expected a 1-D int32/int64"),
+    (lambda a: a.update(cu_seqlens_k=[0, 4, 10]), TypeError, r"cu_seqlens_k: expected a torch.Tensor"),
+    (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:2]), ValueError, r"must have the same length"),
+    (lambda a: a.update(cu_seqlens_q=torch.tensor([0, 9, 8], dtype=torch.int32)), ValueError, r"cu_seqlens_q: must start at 0, never decrease and end at the number of tokens \(8\)"),
+    (lambda a: a.update(cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32)), ValueError, r"cu_seqlens_k: must start at 0"),
+    (lambda a: a.update(max_seqlen_k=5), ValueError, r"max_seqlen_k: 5 is less than the longest sequence \(6\)"),
+    (lambda a: a.update(max_seqlen_q=5.0), TypeError, r"max_seqlen_q: expected an int >= 0"),
+    (lambda a: a.update(q=a["q"][:, :3]), ValueError, r"number of heads \(2\) must divide q's \(3\)"),
+    (lambda a: a.update(is_causal="yes"), TypeError, r"is_causal: expected True or False"),
+    (lambda a: a.update(preset="sage3"), ValueError, r"preset: got 'sage3'"),
+])
+def test_sageattn_varlen_validation(change, exc, pattern):
+    args = _good_varlen()
+    change(args)
+    with pytest.raises(exc, match=pattern):
+        qattn.sageattn_varlen(**args)

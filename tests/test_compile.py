@@ -21,6 +21,23 @@ def test_opcheck(case, device):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
+def _packed(device, lens=(5, 40, 0, 17), hq=4, hkv=2, d=32, seed=9):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(sum(lens), h, d, generator=gen).to(device, torch.bfloat16)
+               for h in (hq, hkv, hkv))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, cu, max(lens)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_varlen(causal, device):
+    q, k, v, cu, longest = _packed(device)
+    args = (q, k, v, cu, cu, longest, longest, "int8", "warp", True, False, "fp8", "fp32", False,
+            0.2, causal, causal)
+    result = torch.library.opcheck(torch.ops.qattn.attention_varlen.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
 def _compiled_matches_eager(fn, *args):
     torch._dynamo.reset()
     counters.clear()
@@ -52,6 +69,17 @@ def test_compile_sageattn_with_options_and_lse(device):
 
     (out, lse), (out_eager, lse_eager) = _compiled_matches_eager(
         call, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert torch.equal(out, out_eager) and torch.equal(lse, lse_eager)
+
+
+def test_compile_sageattn_varlen(device):
+    q, k, v, cu, longest = _packed(device)
+
+    def call(q, k, v, cu):
+        return qattn.sageattn_varlen(q, k, v, cu, cu, longest, longest, is_causal=True,
+                                     return_lse=True)
+
+    (out, lse), (out_eager, lse_eager) = _compiled_matches_eager(call, q, k, v, cu)
     assert torch.equal(out, out_eager) and torch.equal(lse, lse_eager)
 
 

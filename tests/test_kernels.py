@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from qattn import metrics, reference
-from qattn.kernels import attention_forward, block_config, quantize_kv, supports
+from qattn.kernels import attention_forward, attention_forward_varlen, block_config, quantize_kv, supports
 from qattn.presets import PRESETS
 
 CONFIGS = {
@@ -225,16 +225,17 @@ def test_quantize_kv_matches_reference(config_name, device):
     b, h, n, d = 2, 2, 150, 80
     _, k, v = make_inputs(b, h, h, 1, n, d, device=device, k_bias=8.0, seed=5)
     kv = quantize_kv(k, v, config)
+    k_q, k_scale_q, v_q = kv.dense()
     kf, vf = k.float(), v.float()
     if config.smooth_k:
         k_mean = kf.mean(dim=-2, keepdim=True)
         torch.testing.assert_close(kv.k_mean[..., :d], k_mean[..., 0, :], rtol=1e-5, atol=1e-5)
         kf = kf - k_mean
     k_int, k_scale = reference.quantize_per_group(kf, config.k_group, 127)
-    assert (kv.k_q[:, :, :n, :d].float() - k_int).abs().max() <= 1
-    assert (kv.k_q[:, :, :n, :d].float() != k_int).float().mean() < 1e-3
-    assert (kv.k_q[:, :, n:] == 0).all() and (kv.k_q[..., d:] == 0).all()
-    torch.testing.assert_close(kv.k_scale[:, :, :n], k_scale, rtol=1e-5, atol=0)
+    assert (k_q[:, :, :n, :d].float() - k_int).abs().max() <= 1
+    assert (k_q[:, :, :n, :d].float() != k_int).float().mean() < 1e-3
+    assert (k_q[:, :, n:] == 0).all() and (k_q[..., d:] == 0).all()
+    torch.testing.assert_close(k_scale_q[:, :, :n], k_scale, rtol=1e-5, atol=0)
     if config.smooth_v:
         v_mean = vf.mean(dim=-2, keepdim=True)
         torch.testing.assert_close(kv.v_mean[..., :d], v_mean[..., 0, :], rtol=1e-5, atol=1e-5)
@@ -242,12 +243,12 @@ def test_quantize_kv_matches_reference(config_name, device):
     if config.pv_dtype.value == "fp8":
         v8, v_scale = reference.quantize_v_fp8(vf)
         torch.testing.assert_close(kv.v_scale[..., :d], v_scale[..., 0, :], rtol=1e-5, atol=0)
-        got = kv.v_q.float().transpose(-1, -2)  # stored [D, N]
+        got = v_q.float().transpose(-1, -2)  # stored [D, N]
         assert ((got[:, :, :n, :d] - v8).abs() > 1e-3 * v8.abs() + 1e-6).float().mean() < 1e-3
         assert (got[:, :, n:] == 0).all() and (got[..., d:] == 0).all()
     else:
-        assert kv.v_q.dtype == torch.float16
-        torch.testing.assert_close(kv.v_q[:, :, :n, :d].float(), vf.half().float(), rtol=1e-3, atol=1e-3)
+        assert v_q.dtype == torch.float16
+        torch.testing.assert_close(v_q[:, :, :n, :d].float(), vf.half().float(), rtol=1e-3, atol=1e-3)
 
 
 def test_supports_reasons(device):
@@ -345,8 +346,141 @@ def test_masks_match_reference(kind, config_name, device):
         assert torch.isneginf(lse[0, 0, 5])
 
 
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_tma_loads_equal_pointer_loads(config_name, device, monkeypatch):
+    """The TMA-descriptor variant of the K/V loads (used on sm_90 for large D=128 calls)
+    gives the same bits as plain loads, dense and varlen."""
+    from qattn.kernels import attention as attn_module
+
+    config = CONFIGS[config_name]
+    q, k, v = make_inputs(2, 4, 2, 100, 300, 128, device=device, k_bias=4.0, seed=31)
+    table = block_config(128, True, q.device, config)
+    monkeypatch.setattr(attn_module, "_TMA_MIN_WORK", 0)
+    results = []
+    for use_tma in (False, True):
+        monkeypatch.setattr(attn_module, "_BLOCK_OVERRIDE", table._replace(tma=use_tma))
+        out, lse = attention_forward(q, k, v, config, sm_scale=None, causal_offset=200, return_lse=True)
+        lens = [5, 0, 130, 257]
+        qv, kv, vv, cu_q, cu_k = make_varlen(lens, lens, 4, 2, 128, device=device, seed=32)
+        out_v, _ = attention_forward_varlen(qv, kv, vv, cu_q, cu_k, 257, 257, config, sm_scale=None,
+                                            causal=True)
+        results.append((out, lse, out_v))
+    for pointer, tma in zip(*results):
+        assert torch.equal(pointer, tma)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_one_row_masks_compute_only_the_kept_span(additive, device):
+    """Key masks with one row per (batch, head) ([B, H, 1, Nk] here): the kernel computes
+    only the blocks from the first to the last kept key; a (batch, head) with no kept key
+    gives zeros and LSE -inf."""
+    config = CONFIGS["sage2-8b"]
+    b, hq, hkv, nq, nk, d = 2, 2, 1, 40, 600, 64
+    q, k, v = make_inputs(b, hq, hkv, nq, nk, d, device=device, k_bias=4.0, seed=23)
+    keep = torch.zeros(b, hq, 1, nk, dtype=torch.bool)
+    keep[0, 0, :, 200:450] = True  # padded on both sides
+    keep[0, 1, :, 5:7] = True
+    keep[1, 0, :, 590:] = True  # batch 1, head 1: nothing kept
+    mask = keep if not additive else torch.where(keep, 0.0, float("-inf")).to(torch.float16)
+    mask = mask.to(device)
+    out, lse = attention_forward(q, k, v, config, sm_scale=None, attn_mask=mask, return_lse=True)
+    block_kv = block_config(d, False, q.device, config).BLOCK_N
+    ref, ref_lse = reference.sage_attention(q, k, v, config, attn_mask=mask, return_lse=True,
+                                            block_kv=block_kv)
+    assert_close_to_reference(out, ref)
+    assert_lse_close(lse, ref_lse)
+    assert torch.equal(out[1, 1], torch.zeros_like(out[1, 1])) and torch.isneginf(lse[1, 1]).all()
+
+
 @pytest.mark.parametrize("head_dim", [8, 40, 72, 160, 192, 256])
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
 def test_head_dims_padded_to_a_power_of_two(head_dim, config_name, device):
     """Any D up to 256: stored padded to the next power of two (>= 32), exact for dots."""
     _check_case(config_name, (1, 2, 1, 70, 150, head_dim, 4.0), "bottom-right", device)
+
+
+# ----------------------------------------------------------------------------- varlen
+
+
+def make_varlen(lens_q, lens_k, hq, hkv, d, *, dtype=torch.float16, device="cpu", seed=0):
+    """Packed q [sum(lens_q), hq, d], k/v [sum(lens_k), hkv, d] and int32 offsets. Each
+    sequence's K gets its own channel bias, so smoothing over the whole batch instead of
+    per sequence would show."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), hq, d, generator=gen)
+    k = torch.randn(sum(lens_k), hkv, d, generator=gen)
+    v = torch.randn(sum(lens_k), hkv, d, generator=gen)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    for b in range(len(lens_k)):
+        k[cu_k[b]:cu_k[b + 1]] += 6.0 * torch.randn(d, generator=gen) * (b + 1)
+        v[cu_k[b]:cu_k[b + 1]] *= 1 + 3 * b
+    q, k, v = (x.to(device=device, dtype=dtype) for x in (q, k, v))
+    return q, k, v, cu_q.to(device), cu_k.to(device)
+
+
+# (lengths of q, lengths of k, Hq, Hkv, D): empty sequences, 1 token, block edges, q < k
+# (chunked prefill) and q > k (rows with no key when causal).
+VARLEN_CASES = [
+    ([5, 0, 130, 1, 257], [5, 3, 130, 1, 257], 4, 2, 64),
+    ([1, 17, 100], [300, 17, 129], 2, 1, 80),
+    ([40, 7], [20, 0], 2, 2, 128),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"{len(c[0])}seqs-d{c[4]}")
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b", "sage2-8b-smoothv-nosmoothk"])
+def test_varlen_matches_reference(config_name, case, causal, device):
+    lens_q, lens_k, hq, hkv, d = case
+    config = CONFIGS[config_name]
+    q, k, v, cu_q, cu_k = make_varlen(lens_q, lens_k, hq, hkv, d, device=device, seed=len(lens_q) + d)
+    out, lse = attention_forward_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), config,
+                                        sm_scale=None, causal=causal, return_lse=True)
+    block_kv = block_config(d, causal, q.device, config).BLOCK_N
+    ref, ref_lse = reference.sage_attention_varlen(q, k, v, cu_q, cu_k, config, causal=causal,
+                                                   return_lse=True, block_kv=block_kv)
+    assert out.shape == q.shape and lse.shape == (hq, q.shape[0])
+    assert_close_to_reference(out, ref)
+    assert_lse_close(lse, ref_lse)
+
+
+def test_varlen_equals_each_sequence_alone(device):
+    """Per-sequence smoothing and scales: a sequence packed with others gives what it
+    gives alone (same kernel, same numbers), and strided (non-contiguous) packed views
+    are read in place."""
+    lens = [70, 200, 3]
+    q, k, v, cu_q, cu_k = make_varlen(lens, lens, 4, 2, 64, device=device, seed=11)
+    qkv = torch.stack([q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)], dim=1)
+    q_view, k_view, v_view = qkv[:, 0], qkv[:, 1, ::2], qkv[:, 2, ::2]  # [T, H, D] strided
+    assert not k_view.is_contiguous()
+    config = CONFIGS["sage2-8b"]
+    out, _ = attention_forward_varlen(q_view, k_view, v_view, cu_q, cu_k, max(lens), max(lens),
+                                      config, sm_scale=None, causal=True)
+    for b, n in enumerate(lens):
+        lo = int(cu_q[b])
+        alone, _ = attention_forward(*(x[lo:lo + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v)),
+                                     config, sm_scale=None, causal_offset=0)
+        assert_close_to_reference(out[lo:lo + n], alone[0].transpose(0, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_varlen_mixed_lengths(causal):
+    """Lengths 1..4097 mixed, bf16, against the reference and fp32 attention per sequence."""
+    lens = [1, 4097, 63, 1000, 128, 2, 129, 2049]
+    q, k, v, cu_q, cu_k = make_varlen(lens, lens, 8, 2, 128, dtype=torch.bfloat16, device="cuda", seed=3)
+    config = CONFIGS["sage2-8b"]
+    out, lse = attention_forward_varlen(q, k, v, cu_q, cu_k, max(lens), max(lens), config,
+                                        sm_scale=None, causal=causal, return_lse=True)
+    ref, ref_lse = reference.sage_attention_varlen(q, k, v, cu_q, cu_k, config, causal=causal,
+                                                   return_lse=True)
+    assert_close_to_reference(out, ref)
+    assert_lse_close(lse, ref_lse)
+    for b in range(len(lens)):
+        lo, hi = int(cu_q[b]), int(cu_q[b + 1])
+        seq = [x[lo:hi].transpose(0, 1).unsqueeze(0).float() for x in (q, k, v)]
+        exact = torch.nn.functional.scaled_dot_product_attention(*seq, is_causal=causal, enable_gqa=True)
+        if hi - lo >= 64:  # metrics over a handful of values are noise
+            acc = metrics.accuracy(out[lo:hi].transpose(0, 1).unsqueeze(0), exact)
+            assert acc["cosine"] >= 0.999 and acc["rel_l1"] <= 0.05, (b, acc)

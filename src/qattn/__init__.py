@@ -3,7 +3,15 @@
 __version__ = "0.1.0"
 
 from . import metrics, reference
-from .api import TensorLayout, default_preset, sageattn, sdpa, set_default_preset
+from .api import (
+    DECODE_MAX_Q,
+    TensorLayout,
+    default_preset,
+    sageattn,
+    sageattn_varlen,
+    sdpa,
+    set_default_preset,
+)
 from .patch import PatchReport, SDPAPatch, is_sdpa_patched, patch_sdpa
 from .presets import (
     PRESETS,
@@ -18,7 +26,9 @@ from .presets import (
 __all__ = [
     "__version__",
     "sageattn",
+    "sageattn_varlen",
     "sdpa",
+    "DECODE_MAX_Q",
     "TensorLayout",
     "default_preset",
     "set_default_preset",

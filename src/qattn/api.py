@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from . import ops
 from .presets import QuantConfig, resolve_config
 
-__all__ = ["TensorLayout", "sageattn", "sdpa", "default_preset", "set_default_preset"]
+__all__ = [
+    "TensorLayout",
+    "sageattn",
+    "sageattn_varlen",
+    "sdpa",
+    "default_preset",
+    "set_default_preset",
+    "DECODE_MAX_Q",
+]
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -28,6 +36,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ``F.scaled_dot_product_attention = qattn.sdpa`` cannot make a fallback recurse.
 _torch_sdpa = F.scaled_dot_product_attention
 MAX_HEAD_DIM = 256
+# Query lengths up to this take torch's SDPA on the GPU (``decode="auto"``): quantizing
+# K/V costs a pass over them per call, more than attention itself costs for a few query
+# rows (bench/results/<gpu>/decode.md).
+DECODE_MAX_Q = 16
+_DECODE_CHOICES = ("auto", "quantized", "sdpa")
 
 
 class TensorLayout(str, Enum):
@@ -112,7 +125,10 @@ def sageattn(
         **options: ``preset`` (a name from ``qattn.PRESETS`` or a ``QuantConfig``;
             default: :func:`default_preset`), any ``QuantConfig`` field to override, or
             the original's ``qk_quant_gran`` / ``pv_accum_dtype`` / ``smooth_k`` /
-            ``smooth_v``.
+            ``smooth_v``; ``decode``: "auto" (default: on a GPU, query lengths up to
+            ``DECODE_MAX_Q`` = 16 run torch's SDPA, unquantized, which is faster there;
+            not with ``return_lse`` or Nq > Nk), "quantized" (always the quantized
+            path) or "sdpa" (always torch's SDPA).
 
     Returns:
         O in the layout and dtype of q ([.., Dv] last), and LSE if ``return_lse``.
@@ -177,12 +193,157 @@ def sageattn(
             "qattn.sdpa, which falls back to torch's SDPA for training"
         )
 
+    decode = options.pop("decode", "auto")
+    if decode not in _DECODE_CHOICES:
+        raise ValueError(f"decode: got {decode!r}; accepted: {', '.join(map(repr, _DECODE_CHOICES))}")
     preset = options.pop("preset", None)
     config = resolve_config(preset, default_preset(q.device), **options)
-    causal_offset = kh.shape[2] - qh.shape[2] if is_causal else None
+    nq, nk = qh.shape[2], kh.shape[2]
+    if decode == "sdpa" or (decode == "auto" and q.device.type == "cuda" and nq <= DECODE_MAX_Q):
+        if return_lse or nq > nk or vh.shape[-1] != head_dim:
+            if decode == "sdpa":
+                raise ValueError("decode='sdpa': torch's SDPA path cannot return the LSE, give "
+                                 "rows with no key (Nq > Nk) zeros, or take Dv != D")
+        else:
+            out = _torch_attention_bottom_right(qh, kh, vh, is_causal, sm_scale)
+            return out.transpose(1, 2).contiguous() if layout is TensorLayout.NHD else out
+    causal_offset = nk - nq if is_causal else None
 
     out, lse = _quantized_attention(qh, kh, vh, config, sm_scale, causal_offset, return_lse,
                                     nhd=layout is TensorLayout.NHD)
+    return (out, lse) if return_lse else out
+
+
+def _torch_attention_bottom_right(q, k, v, is_causal, sm_scale):
+    """torch's SDPA on HND views with ``sageattn``'s contract (bottom-right causal, GQA)."""
+    nq, nk = q.shape[2], k.shape[2]
+    kwargs = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    if is_causal and nq > 1:
+        if nq == nk:  # the two alignments agree
+            return _torch_sdpa(q, k, v, is_causal=True, scale=sm_scale, **kwargs)
+        kwargs["attn_mask"] = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+    return _torch_sdpa(q, k, v, scale=sm_scale, **kwargs)
+
+
+def _check_cu_seqlens(name: str, cu, device) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(cu).__name__}")
+    if cu.dim() != 1 or cu.shape[0] < 1 or cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: expected a 1-D int32/int64 tensor [B + 1], got "
+                         f"{cu.dtype} of shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name}: must be on q's device ({device}), got {cu.device}")
+
+
+def _check_offsets_on_host(name: str, cu: torch.Tensor, total: int, max_seqlen: int,
+                           max_name: str) -> None:
+    """Offsets checked with their values (CPU tensors only: on a GPU reading them would
+    synchronize the device)."""
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((lengths < 0).any()):
+        raise ValueError(f"{name}: must start at 0, never decrease and end at the number of "
+                         f"tokens ({total}); got {cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name}: {max_seqlen} is less than the longest sequence ({longest})")
+
+
+def sageattn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool = False,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    **options,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Quantized attention over a batch of variable-length sequences packed end to end
+    (the call shape of flash-attn's ``flash_attn_varlen_func``).
+
+    Args:
+        q: [total_q, Hq, D], the sequences' queries one after the other.
+        k: [total_k, Hkv, D]; v: [total_k, Hkv, Dv]; Hq a multiple of Hkv (GQA/MQA).
+        cu_seqlens_q, cu_seqlens_k: int32 or int64 [B + 1] on q's device: sequence b is
+            query tokens ``cu_seqlens_q[b] .. cu_seqlens_q[b+1]`` and key tokens
+            ``cu_seqlens_k[b] .. cu_seqlens_k[b+1]``. They must start at 0, never
+            decrease and end at total_q / total_k; empty sequences are allowed.
+        max_seqlen_q, max_seqlen_k: at least the longest query / key sequence (they size
+            the launch grid, so a GPU call needs no device synchronization).
+        is_causal: per sequence, aligned bottom-right: query i attends to key j iff
+            j <= i + (n_k - n_q) (a new chunk after a KV cache); with equal lengths the
+            usual lower triangle. Rows with no visible key give zeros.
+        sm_scale: score scale; default 1 / sqrt(D).
+        return_lse: also return the natural-log LSE, fp32 [Hq, total_q].
+        **options: ``preset`` and ``QuantConfig`` overrides, as :func:`sageattn`.
+
+    Returns:
+        O [total_q, Hq, Dv] in q's dtype, and the LSE if ``return_lse``.
+
+    K smoothing (the mean subtracted before quantization) and the FP8 V scales are per
+    sequence, so one sequence's values never change another's quantization. On CPU
+    tensors the offsets are checked against the tokens (in eager mode); on a GPU they are
+    not (that needs a device sync), so offsets that break the contract give undefined
+    results there.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{name}: expected a packed 3-D tensor [total_tokens, H, D], got "
+                             f"shape {tuple(x.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: dtype {x.dtype} is not supported; accepted: "
+                            "torch.float16, torch.bfloat16, torch.float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k, v: dtypes must equal q's ({q.dtype}); got k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"k, v: must be on q's device ({q.device}); got k on {k.device}, "
+                         f"v on {v.device}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"v: must match k in tokens and heads; got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k: head dim must equal q's ({q.shape[2]}); got {k.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"k, v: number of heads ({k.shape[1]}) must divide q's ({q.shape[1]})")
+    if not 1 <= q.shape[2] <= MAX_HEAD_DIM or v.shape[2] > MAX_HEAD_DIM:
+        raise ValueError(f"q, k, v: head dims must be in 1..{MAX_HEAD_DIM}; got D={q.shape[2]}, "
+                         f"Dv={v.shape[2]}")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q, cu_seqlens_k: must have the same length (B + 1); got "
+                         f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TypeError(f"{name}: expected an int >= 0, got {value!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal: expected True or False, got {is_causal!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected True or False, got {return_lse!r}")
+    if sm_scale is not None and (
+        isinstance(sm_scale, bool) or not isinstance(sm_scale, Real) or not math.isfinite(sm_scale)
+    ):
+        raise TypeError(f"sm_scale: expected a finite number or None, got {sm_scale!r}")
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_offsets_on_host("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+        _check_offsets_on_host("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError(
+            "q, k, v: inputs require grad, but quantized attention has no backward pass; "
+            "call it under torch.no_grad()/inference_mode or detach the inputs"
+        )
+    preset = options.pop("preset", None)
+    config = resolve_config(preset, default_preset(q.device), **options)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = ops.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    config, sm_scale=sm_scale, causal=is_causal,
+                                    return_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -213,12 +374,19 @@ def sdpa(
     (torch's math backend gives NaN there).
     Fallbacks call torch's original function, captured when qattn was imported.
 
+    On a GPU, query lengths up to ``DECODE_MAX_Q`` (16: decode steps) go to torch's SDPA
+    unquantized, because there quantizing K/V per call costs more than it saves
+    (measured in bench/results/<gpu>/decode.md).
+
     ``preset`` (keyword-only, beyond torch's contract) picks the preset for this call.
     """
-    reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
-                                   preset)
-    if reason is not None:
-        ops.log_once(f"qattn.sdpa: using torch SDPA: {reason}")
+    short_query = (isinstance(query, torch.Tensor) and query.device.type == "cuda"
+                   and query.dim() >= 2 and query.shape[-2] <= DECODE_MAX_Q)
+    reason = None if short_query else _sdpa_fallback_reason(
+        query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, preset)
+    if short_query or reason is not None:
+        if reason is not None:
+            ops.log_once(f"qattn.sdpa: using torch SDPA: {reason}")
         kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
         return _torch_sdpa(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,

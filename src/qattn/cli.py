@@ -132,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     else:
-        bench = sub.add_parser("bench", help="time qattn against torch SDPA (flash, cuDNN)")
+        bench = sub.add_parser(
+            "bench", help="time qattn against torch SDPA backends (suites: grid, decode, varlen)",
+            description="Time qattn's whole call against torch SDPA backends on one CUDA GPU "
+            "and write JSON, markdown and PNG results. Suites: grid (self-attention over "
+            "sequence length and head dim; the default), decode (a few queries after a long "
+            "KV cache, GQA), varlen (a packed batch of mixed sequence lengths against SDPA on "
+            "nested tensors and on the padded batch).")
         add_arguments(bench)
         bench.set_defaults(func=cmd_bench)
     return parser

@@ -1,4 +1,5 @@
-"""The ``torch.library`` layer: quantized attention as one custom op, ``qattn::attention``.
+"""The ``torch.library`` layer: quantized attention as custom ops, ``qattn::attention``
+(dense [B, H, N, D]) and ``qattn::attention_varlen`` (packed sequences).
 
 Being an opaque op with a fake (meta) implementation lets ``torch.compile`` trace
 through ``qattn.sageattn`` / ``qattn.sdpa`` without a graph break and lets the
@@ -19,7 +20,7 @@ import torch
 from . import reference
 from .presets import QuantConfig
 
-__all__ = ["attention", "kernel_skip_reason", "device_capability", "log_once"]
+__all__ = ["attention", "attention_varlen", "kernel_skip_reason", "device_capability", "log_once"]
 
 logger = logging.getLogger("qattn")
 _logged: set[str] = set()
@@ -160,4 +161,93 @@ def attention(
         config.smooth_q, config.pv_dtype.value, config.pv_accum.value, config.smooth_v,
         float(sm_scale), causal_offset, return_lse, out_nhd,
     )
+    return out, (lse if return_lse else None)
+
+
+def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config,
+                sm_scale, causal, return_lse):
+    """Body of ``qattn::attention_varlen``: the Triton kernels when they support the call
+    (no host sync), else the reference sequence by sequence (reads the offsets)."""
+    as_4d = [x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)]  # [1, H, total, D] views
+    reason = kernel_skip_reason(*as_4d, config)
+    if reason is None:
+        from . import kernels
+
+        out, lse = kernels.attention_forward_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config,
+            sm_scale=sm_scale, causal=causal, return_lse=return_lse,
+        )
+    else:
+        if q.device.type == "cuda":
+            log_once(f"qattn: running the PyTorch reference on the GPU (slow): {reason}")
+        out, lse = reference.sage_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, config, sm_scale=sm_scale, causal=causal,
+            return_lse=True,
+        )
+    return out, (lse if return_lse else q.new_empty(0, dtype=torch.float32))
+
+
+@torch.library.custom_op("qattn::attention_varlen", mutates_args=())
+def _attention_varlen_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    qk_dtype: str,
+    granularity: str,
+    smooth_k: bool,
+    smooth_q: bool,
+    pv_dtype: str,
+    pv_accum: str,
+    smooth_v: bool,
+    sm_scale: float,
+    causal: bool,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    config = _config(qk_dtype, granularity, smooth_k, smooth_q, pv_dtype, pv_accum, smooth_v)
+    return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config,
+                       sm_scale, causal, return_lse)
+
+
+@_attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, qk_dtype, granularity,
+      smooth_k, smooth_q, pv_dtype, pv_accum, smooth_v, sm_scale, causal, return_lse):
+    total_q, heads, _ = q.shape
+    lse = q.new_empty((heads, total_q) if return_lse else (0,), dtype=torch.float32)
+    return q.new_empty((total_q, heads, v.shape[-1])), lse
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    config: QuantConfig,
+    *,
+    sm_scale: float,
+    causal: bool = False,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Quantized attention on packed sequences: q [total_q, Hq, D], k [total_k, Hkv, D],
+    v [total_k, Hkv, Dv]; sequence b is tokens ``cu_seqlens[b] .. cu_seqlens[b+1]``.
+
+    Returns O [total_q, Hq, Dv] (q's dtype) and the natural-log LSE [Hq, total_q] (fp32)
+    or None. Causal is aligned bottom-right per sequence. Eager calls skip the
+    dispatcher, as :func:`attention` does.
+    """
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    if not torch.compiler.is_compiling():
+        out, lse = _run_varlen(*args, config, float(sm_scale), causal, return_lse)
+    else:
+        out, lse = _attention_varlen_op(
+            *args, config.qk_dtype.value, config.granularity.value, config.smooth_k,
+            config.smooth_q, config.pv_dtype.value, config.pv_accum.value, config.smooth_v,
+            float(sm_scale), causal, return_lse,
+        )
     return out, (lse if return_lse else None)

@@ -35,6 +35,7 @@ __all__ = [
     "quantize_per_group",
     "quantize_v_fp8",
     "sage_attention",
+    "sage_attention_varlen",
     "exact_attention",
 ]
 
@@ -219,6 +220,49 @@ def sage_attention(
         lse = lse + sm_scale * torch.matmul(qf, k_mean.transpose(-1, -2)).squeeze(-1)
     lse = lse.masked_fill(empty, -math.inf)
     return out, lse
+
+
+def sage_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    config: QuantConfig,
+    *,
+    sm_scale: float | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+    block_kv: int = BLOCK_KV,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sage_attention` on each sequence of a packed batch, on its own.
+
+    Args:
+        q: [total_q, Hq, D]; k: [total_k, Hkv, D]; v: [total_k, Hkv, Dv].
+        cu_seqlens_q, cu_seqlens_k: [B + 1] offsets; sequence b is tokens
+            ``cu[b] .. cu[b+1]`` (read on the host).
+        causal: aligned bottom-right per sequence (``causal_offset = n_k - n_q``).
+        Others as :func:`sage_attention`; smoothing and scales are per sequence.
+
+    Returns:
+        O [total_q, Hq, Dv] in q's dtype, and LSE [Hq, total_q] (fp32) if asked.
+    """
+    starts_q = cu_seqlens_q.tolist()
+    starts_k = cu_seqlens_k.tolist()
+    out = q.new_zeros((q.shape[0], q.shape[1], v.shape[-1]))
+    lse = torch.full((q.shape[1], q.shape[0]), -math.inf, device=q.device)
+    for b in range(len(starts_q) - 1):
+        q0, q1, k0, k1 = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]
+        if q1 == q0 or k1 == k0:  # no query, or no key: rows stay 0 / -inf
+            continue
+        seq_q, seq_k, seq_v = (x[lo:hi].transpose(0, 1).unsqueeze(0)
+                               for x, lo, hi in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        o, l = sage_attention(seq_q, seq_k, seq_v, config, sm_scale=sm_scale,
+                              causal_offset=(k1 - k0) - (q1 - q0) if causal else None,
+                              return_lse=True, block_kv=block_kv)
+        out[q0:q1] = o[0].transpose(0, 1)
+        lse[:, q0:q1] = l[0]
+    return (out, lse) if return_lse else out
 
 
 def _block_mean_rows(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -11,18 +11,24 @@ last axis picks K or V), so that even short sequences fill the GPU:
 Every input byte is read twice; one launch per (batch, head) would read it twice too,
 but with far fewer programs in flight (measured in docs/kernel_notes.md).
 
-Outputs (all padded: tokens up to ``nk_pad``, a multiple of 128, channels up to ``dpad``,
-the next power of two >= 32; padding holds zeros so the attention kernel needs no load
-masks):
+Outputs are head-major, with the sequences of a batch one after the other in each head's
+plane of ``rows`` token rows. Sequence ``b`` starts at row ``row0(b)``, a multiple of
+``KV_PAD`` (128): ``b * nk_pad`` for a dense [B, Hkv, Nk, D] batch (``nk_pad`` = Nk rounded
+up to 128), and ``ceil(cu_seqlens[b] / 128) * 128 + 128 * b`` for a packed varlen batch
+(no host sync needed to place a sequence; ``rows = ceil(total / 128) * 128 + 128 * B``).
+Each sequence's tokens are followed by zeros up to its length rounded up to 128, and
+channels are padded with zeros up to ``dpad`` (the next power of two >= 32), so the
+attention kernel loads K/V with no masks:
 
-* ``k_q`` int8 [B, Hkv, nk_pad, dpad]: ``floor((k - mean) * (127 / amax) + 0.5)``, one
-  ``amax`` per group of ``config.k_group`` tokens.
-* ``k_scale`` fp32 [B, Hkv, nk_pad]: ``amax / 127`` of each token's group (repeated inside a
+* ``k_q`` int8 [Hkv, rows, dpad]: ``floor((k - mean) * (127 / amax) + 0.5)``, one
+  ``amax`` per group of ``config.k_group`` tokens (groups counted from the sequence start).
+* ``k_scale`` fp32 [Hkv, rows]: ``amax / 127`` of each token's group (repeated inside a
   group, so the attention kernel loads a plain [BLOCK_N] vector).
 * ``stats`` fp32 [3, B, Hkv, dpad]: ``stats[0]`` the K mean (0 if not smoothed),
-  ``stats[1]`` the FP8 V scale ``amax_over_tokens / 448``, ``stats[2]`` the V mean.
-* ``v_q``: FP8 E4M3 stored transposed [B, Hkv, dpad, nk_pad] (tokens contiguous: the
-  K-major operand that Hopper's FP8 wgmma needs), or fp16 [B, Hkv, nk_pad, dpad].
+  ``stats[1]`` the FP8 V scale ``amax_over_tokens / 448``, ``stats[2]`` the V mean; per
+  sequence, so a varlen batch is smoothed sequence by sequence.
+* ``v_q``: FP8 E4M3 stored transposed [Hkv, dpad, rows] (tokens contiguous: the K-major
+  operand that Hopper's FP8 wgmma needs), or fp16 [Hkv, rows, dpad].
 
 Numerics follow ``qattn.reference`` (see its module docstring).
 """
@@ -120,13 +126,31 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
+def _kv_sequence(Cu, b, N, N_PAD, VARLEN: tl.constexpr):
+    """Where sequence ``b`` is: (first input token, length, length padded to KV_PAD,
+    first row in the quantized buffers). Dense: every sequence has N tokens and starts at
+    token 0 of its batch entry. Varlen: tokens ``Cu[b] .. Cu[b+1]`` of the packed input."""
+    if VARLEN:
+        start = tl.load(Cu + b).to(tl.int64)
+        n = tl.load(Cu + b + 1).to(tl.int64) - start
+        n_pad = tl.cdiv(n, 128) * 128
+        row0 = tl.cdiv(start, 128) * 128 + 128 * b
+    else:
+        start = b * 0
+        n = N + b * 0
+        n_pad = N_PAD + b * 0
+        row0 = b * N_PAD
+    return start, n, n_pad, tl.multiple_of(row0, 128)
+
+
+@triton.jit
 def _chunk_stats(
     base, stride_n, stride_d, Partials, bh, chunk, N, CHUNK, N_CHUNKS, n_bh,
     SUM_PLANE: tl.constexpr, RANGE_PLANE: tl.constexpr,
     HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
     NEED_SUM: tl.constexpr, NEED_RANGE: tl.constexpr,
 ):
-    """Per-channel sum (and max, min) of one chunk of tokens of one (batch, head)."""
+    """Per-channel sum (and max, min) of one chunk of tokens of one (sequence, head)."""
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, DPAD)
     d_ok = offs_d < HEAD_DIM
@@ -148,7 +172,8 @@ def _chunk_stats(
             t_ok = (t < t_stop)[:, None]
             vmax = tl.maximum(vmax, tl.max(tl.where(t_ok, x, float("-inf")), axis=0))
             vmin = tl.minimum(vmin, tl.min(tl.where(t_ok, x, float("inf")), axis=0))
-    # Partials [4, B*Hkv, N_CHUNKS, DPAD]: K sum, V sum, V max, V min.
+    # Partials [4, B*Hkv, N_CHUNKS, DPAD]: K sum, V sum, V max, V min. Chunks past the end
+    # of a (short varlen) sequence store the identities.
     row = (bh * N_CHUNKS + chunk) * DPAD + offs_d
     plane = n_bh * N_CHUNKS * DPAD
     if NEED_SUM:
@@ -162,9 +187,9 @@ def _chunk_stats(
 def _partial_stats_kernel(
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     V, stride_vb, stride_vh, stride_vn, stride_vd,
-    Partials, H_KV, N, CHUNK, N_CHUNKS,
+    Cu, Partials, H_KV, N, N_PAD, CHUNK, N_CHUNKS,
     HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, V_FP8: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, V_FP8: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Pass 1, program (chunk, bh, 0 for K / 1 for V): per-channel sums (and for FP8 V,
     max and min) over one chunk of tokens -> Partials[stat, bh, chunk, :]."""
@@ -173,15 +198,16 @@ def _partial_stats_kernel(
     n_bh = tl.num_programs(1)
     b = bh // H_KV
     h = bh % H_KV
+    start, n, _, _ = _kv_sequence(Cu, b, N, N_PAD, VARLEN)
     if tl.program_id(2) == 0:
         if SMOOTH_K:
-            _chunk_stats(K + b * stride_kb + h * stride_kh, stride_kn, stride_kd, Partials,
-                         bh, chunk, N, CHUNK, N_CHUNKS, n_bh, 0, 2,
+            _chunk_stats(K + b * stride_kb + start * stride_kn + h * stride_kh, stride_kn, stride_kd,
+                         Partials, bh, chunk, n, CHUNK, N_CHUNKS, n_bh, 0, 2,
                          HEAD_DIM, DPAD, BLOCK_T, True, False)
     else:
         if SMOOTH_V or V_FP8:
-            _chunk_stats(V + b * stride_vb + h * stride_vh, stride_vn, stride_vd, Partials,
-                         bh, chunk, N, CHUNK, N_CHUNKS, n_bh, 1, 2,
+            _chunk_stats(V + b * stride_vb + start * stride_vn + h * stride_vh, stride_vn, stride_vd,
+                         Partials, bh, chunk, n, CHUNK, N_CHUNKS, n_bh, 1, 2,
                          HEAD_DIM, DPAD, BLOCK_T, SMOOTH_V, V_FP8)
 
 
@@ -206,69 +232,72 @@ def _reduce_partials(Partials, stat, bh, N_CHUNKS, n_bh, DPAD: tl.constexpr, OP:
 def _quantize_kv_kernel(
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     V, stride_vb, stride_vh, stride_vn, stride_vd,
-    K_q, K_scale, V_q, Stats, Partials,
-    H_KV, N, N_PAD, CHUNK, N_CHUNKS, STATS_STRIDE,
+    Cu, K_q, K_scale, V_q, Stats, Partials,
+    H_KV, N, N_PAD, ROWS, CHUNK, N_CHUNKS, STATS_STRIDE,
     HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
     K_GROUP: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr,
-    V_FP8: tl.constexpr, EXACT_FP8: tl.constexpr,
+    V_FP8: tl.constexpr, VARLEN: tl.constexpr, EXACT_FP8: tl.constexpr,
 ):
     """Pass 2, program (chunk, bh, 0 for K / 1 for V): finish the statistics from the
-    partials, then quantize the chunk's tokens (and the zero padding up to N_PAD)."""
+    partials, then quantize the chunk's tokens (and the zero padding up to the sequence's
+    padded length) into rows ``row0 + t`` of head ``h``'s plane."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n_bh = tl.num_programs(1)
     b = bh // H_KV
     h = bh % H_KV
+    start, n, n_pad, row0 = _kv_sequence(Cu, b, N, N_PAD, VARLEN)
+    n_mean = tl.maximum(n, 1).to(tl.float32)  # an empty varlen sequence: means of 0
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, DPAD)
     d_ok = offs_d < HEAD_DIM
     t_start = chunk * CHUNK
-    t_stop = tl.minimum(t_start + CHUNK, N_PAD)
+    t_stop = tl.minimum(t_start + CHUNK, n_pad)
 
     if tl.program_id(2) == 0:
-        k_in = K + b * stride_kb + h * stride_kh
+        k_in = K + b * stride_kb + start * stride_kn + h * stride_kh
         mean = tl.zeros([DPAD], dtype=tl.float32)
         if SMOOTH_K:
-            mean = _reduce_partials(Partials, 0, bh, N_CHUNKS, n_bh, DPAD, 0) / N
+            mean = _reduce_partials(Partials, 0, bh, N_CHUNKS, n_bh, DPAD, 0) / n_mean
             if chunk == 0:
                 tl.store(Stats + bh * DPAD + offs_d, mean)
-        k_out = K_q + bh * N_PAD * DPAD
-        k_scale_out = K_scale + bh * N_PAD
+        k_out = K_q + (h * ROWS + row0) * DPAD
+        k_scale_out = K_scale + h * ROWS + row0
         for t0 in range(t_start, t_stop, BLOCK_T):
             t = t0 + offs_t
-            mask = (t < N)[:, None] & d_ok[None, :]
+            mask = (t < n)[:, None] & d_ok[None, :]
             x = tl.load(k_in + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                         mask=mask, other=0.0)
             x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
             amax = _group_amax(tl.max(tl.abs(x), axis=1), K_GROUP, BLOCK_T)
             inv = _quant_multiplier(amax, 127.0)
             xq = _round_half_up(x * inv[:, None])
-            in_buf = t < t_stop  # BLOCK_T may overrun N_PAD (a multiple of 128 only)
+            in_buf = t < t_stop  # BLOCK_T may overrun the padded length (a multiple of 128)
             tl.store(k_out + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8),
                      mask=in_buf[:, None])
             tl.store(k_scale_out + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
     else:
-        v_in = V + b * stride_vb + h * stride_vh
+        v_in = V + b * stride_vb + start * stride_vn + h * stride_vh
         mean = tl.zeros([DPAD], dtype=tl.float32)
         if SMOOTH_V:
-            mean = _reduce_partials(Partials, 1, bh, N_CHUNKS, n_bh, DPAD, 0) / N
+            mean = _reduce_partials(Partials, 1, bh, N_CHUNKS, n_bh, DPAD, 0) / n_mean
             if chunk == 0:
                 tl.store(Stats + 2 * STATS_STRIDE + bh * DPAD + offs_d, mean)
         if V_FP8:
             vmax = _reduce_partials(Partials, 2, bh, N_CHUNKS, n_bh, DPAD, 1)
             vmin = _reduce_partials(Partials, 3, bh, N_CHUNKS, n_bh, DPAD, 2)
             # max_t |fl(v_t - mean)| == max(fl(vmax - mean), fl(mean - vmin)): rounding
-            # is monotone.
-            amax = tl.where(d_ok, tl.maximum(vmax - mean, mean - vmin), 0.0)
+            # is monotone. (-inf for an empty sequence, hence the clamp.)
+            amax = tl.where(d_ok, tl.maximum(tl.maximum(vmax - mean, mean - vmin), 0.0), 0.0)
             inv = _quant_multiplier(amax, 448.0)
             if chunk == 0:
                 tl.store(Stats + STATS_STRIDE + bh * DPAD + offs_d, tl.math.div_rn(amax, 448.0))
-            v_out = V_q + bh * DPAD * N_PAD
+            v_out = V_q + h * DPAD * ROWS + row0
         else:
-            v_out = V_q + bh * N_PAD * DPAD
+            v_out = V_q + (h * ROWS + row0) * DPAD
         for t0 in range(t_start, t_stop, BLOCK_T):
             t = t0 + offs_t
-            mask = (t < N)[:, None] & d_ok[None, :]
+            mask = (t < n)[:, None] & d_ok[None, :]
             x = tl.load(v_in + t[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=mask, other=0.0)
             x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
@@ -277,10 +306,10 @@ def _quantize_kv_kernel(
                 y = x * inv[None, :]
                 if EXACT_FP8:
                     y = _round_to_e4m3_grid(y)
-                # Transposed [DPAD, N_PAD]: tokens contiguous (K-major for FP8 wgmma). Padded
+                # Transposed [DPAD, ROWS]: tokens contiguous (K-major for FP8 wgmma). Padded
                 # channels are not stored: the host zeroes them (on an H100 this store left
                 # nonzero bytes there; docs/kernel_notes.md, "Known defect").
-                tl.store(v_out + offs_d[None, :] * N_PAD + t[:, None], y.to(tl.float8e4nv),
+                tl.store(v_out + offs_d[None, :] * ROWS + t[:, None], y.to(tl.float8e4nv),
                          mask=in_buf[:, None] & d_ok[None, :])
             else:
                 tl.store(v_out + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16),
@@ -293,9 +322,9 @@ def _quantize_kv_kernel(
 class QuantizedKV(NamedTuple):
     """What :func:`quantize_kv` returns (see the module docstring for layouts)."""
 
-    k_q: torch.Tensor  # int8 [B, Hkv, nk_pad, dpad]
-    k_scale: torch.Tensor  # fp32 [B, Hkv, nk_pad]
-    v_q: torch.Tensor  # fp8 [B, Hkv, dpad, nk_pad] or fp16 [B, Hkv, nk_pad, dpad]
+    k_q: torch.Tensor  # int8 [Hkv, rows, dpad]
+    k_scale: torch.Tensor  # fp32 [Hkv, rows]
+    v_q: torch.Tensor  # fp8 [Hkv, dpad, rows] or fp16 [Hkv, rows, dpad]
     stats: torch.Tensor  # fp32 [3, B, Hkv, dpad]: k_mean, v_scale (amax / 448), v_mean
 
     @property
@@ -310,47 +339,83 @@ class QuantizedKV(NamedTuple):
     def v_mean(self) -> torch.Tensor:
         return self.stats[2]
 
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of a dense batch's buffers per batch entry: k_q [B, Hkv, nk_pad, dpad],
+        k_scale [B, Hkv, nk_pad], v_q [B, Hkv, dpad, nk_pad] (FP8) or [B, Hkv, nk_pad, dpad]."""
+        heads, rows, dpad = self.k_q.shape
+        batch = self.stats.shape[1]
+        nk_pad = rows // batch
+        k_q = self.k_q.view(heads, batch, nk_pad, dpad).transpose(0, 1)
+        k_scale = self.k_scale.view(heads, batch, nk_pad).transpose(0, 1)
+        if self.v_q.dtype == torch.float16:
+            v_q = self.v_q.view(heads, batch, nk_pad, dpad).transpose(0, 1)
+        else:
+            v_q = self.v_q.view(heads, dpad, batch, nk_pad).permute(2, 0, 1, 3)
+        return k_q, k_scale, v_q
 
-def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: QuantConfig) -> QuantizedKV:
-    """Quantize K (and V for FP8, or convert it to fp16) as ``config`` says, in two launches (statistics, then quantization).
 
-    ``k`` and ``v`` are [B, Hkv, Nk, D] with any strides (no copies are made); Nk >= 1.
+def quantize_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: QuantConfig,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> QuantizedKV:
+    """Quantize K (and V for FP8, or convert it to fp16) as ``config`` says, in two
+    launches (statistics, then quantization); no host synchronization.
+
+    Dense: ``k`` and ``v`` are [B, Hkv, Nk, D] with any strides (no copies are made);
+    Nk >= 1. Varlen: ``k`` and ``v`` are packed [total, Hkv, D] (any strides),
+    ``cu_seqlens`` int32/int64 [B + 1] on their device, ``max_seqlen`` >= every length.
     Entries of ``stats`` that the config does not use are left unwritten.
     """
-    batch, heads, nk, head_dim = k.shape
+    varlen = cu_seqlens is not None
+    if varlen:
+        total, heads, head_dim = k.shape
+        batch = cu_seqlens.shape[0] - 1
+        nk = max_seqlen
+        rows = triton.cdiv(total, KV_PAD) * KV_PAD + KV_PAD * batch
+        # [B, H, N, D]-style strides: batch 0 (sequences are found through cu_seqlens).
+        k_strides = (0, k.stride(1), k.stride(0), k.stride(2))
+        v_strides = (0, v.stride(1), v.stride(0), v.stride(2))
+    else:
+        batch, heads, nk, head_dim = k.shape
+        rows = batch * padded_kv_len(nk)
+        k_strides, v_strides = k.stride(), v.stride()
     dpad = padded_head_dim(head_dim)
     nk_pad = padded_kv_len(nk)
     v_fp8 = config.pv_dtype is PVDtype.FP8
     device = k.device
 
-    k_q = torch.empty((batch, heads, nk_pad, dpad), dtype=torch.int8, device=device)
-    k_scale = torch.empty((batch, heads, nk_pad), dtype=torch.float32, device=device)
+    k_q = torch.empty((heads, rows, dpad), dtype=torch.int8, device=device)
+    k_scale = torch.empty((heads, rows), dtype=torch.float32, device=device)
     if v_fp8:
         # Rows of padded channels are zeroed here, not by the kernel (see its store).
         alloc = torch.zeros if dpad != head_dim else torch.empty
-        v_q = alloc((batch, heads, dpad, nk_pad), dtype=torch.float8_e4m3fn, device=device)
+        v_q = alloc((heads, dpad, rows), dtype=torch.float8_e4m3fn, device=device)
     else:
-        v_q = torch.empty((batch, heads, nk_pad, dpad), dtype=torch.float16, device=device)
+        v_q = torch.empty((heads, rows, dpad), dtype=torch.float16, device=device)
     stats = torch.empty((3, batch, heads, dpad), dtype=torch.float32, device=device)
 
     # Tiles measured on an H100 (docs/kernel_notes.md): 256 x 64 with 8 warps at D=64,
     # 128 x 128 with 4 warps at D=128; D <= 32 and 256 not measured.
     block_t, num_warps = _QUANT_OVERRIDE or {32: (256, 4), 64: (256, 8), 128: (128, 4)}.get(dpad, (64, 8))
     assert block_t % config.k_group == 0
-    # Token chunks per (batch, head): enough programs to fill the GPU (~2048 in all),
+    # Token chunks per (sequence, head): enough programs to fill the GPU (~2048 in all),
     # few enough that finishing the statistics from the partials stays cheap.
-    target_chunks = max(1, min(_MAX_CHUNKS, 1024 // (batch * heads)))
+    target_chunks = max(1, min(_MAX_CHUNKS, 1024 // max(1, batch * heads)))
     chunk = triton.cdiv(triton.cdiv(nk_pad, target_chunks), block_t) * block_t
     n_chunks = triton.cdiv(nk_pad, chunk)
     partials = torch.empty((4, batch * heads, n_chunks, dpad), dtype=torch.float32, device=device)
-    args = (k, *k.stride(), v, *v.stride())
+    args = (k, *k_strides, v, *v_strides, cu_seqlens if varlen else k_scale)
     meta = dict(HEAD_DIM=head_dim, DPAD=dpad, BLOCK_T=block_t, SMOOTH_K=config.smooth_k,
-                SMOOTH_V=config.smooth_v, V_FP8=v_fp8, num_warps=num_warps)
+                SMOOTH_V=config.smooth_v, V_FP8=v_fp8, VARLEN=varlen, num_warps=num_warps)
     grid = (n_chunks, batch * heads, 2)
-    _partial_stats_kernel[grid](*args, partials, heads, nk, chunk, n_chunks, **meta)
+    _partial_stats_kernel[grid](*args, partials, heads, nk, nk_pad, chunk, n_chunks, **meta)
     _quantize_kv_kernel[grid](
         *args, k_q, k_scale, v_q, stats, partials,
-        heads, nk, nk_pad, chunk, n_chunks, batch * heads * dpad,
+        heads, nk, nk_pad, rows, chunk, n_chunks, batch * heads * dpad,
         K_GROUP=config.k_group, EXACT_FP8=interpreting(), **meta,
     )
     return QuantizedKV(k_q, k_scale, v_q, stats)
