@@ -119,6 +119,10 @@ def _good():
     (lambda a: a.update(sm_scale="0.1"), TypeError, r"sm_scale: expected a finite number"),
     (lambda a: a.update(sm_scale=float("nan")), TypeError, r"sm_scale"),
     (lambda a: a.update(**dict(zip("qkv", make_qkv(1, 2, 2, 4, 4, 300)))), ValueError, r"head dims must be in 1..256"),
+    (lambda a: a.update(attn_mask=torch.ones(1, 4, 8, 9, dtype=torch.bool)), ValueError, r"attn_mask: shape \(1, 4, 8, 9\) does not broadcast to \[B, Hq, Nq, Nk\] = \[1, 4, 8, 8\]"),
+    (lambda a: a.update(attn_mask=torch.ones(2, 1, 4, 8, 8, dtype=torch.bool)), ValueError, r"attn_mask: shape .* does not broadcast"),
+    (lambda a: a.update(attn_mask=torch.ones(8, 8, dtype=torch.int64)), TypeError, r"attn_mask: dtype torch.int64 is not supported"),
+    (lambda a: a.update(attn_mask=[[True]]), TypeError, r"attn_mask: expected a torch.Tensor or None"),
     (lambda a: a.update(decode="always"), ValueError, r"decode: got 'always'; accepted: 'auto', 'quantized', 'sdpa'"),
     (lambda a: a.update(decode="sdpa", return_lse=True), ValueError, r"decode='sdpa'.*cannot return the LSE"),
 ])
@@ -301,3 +305,20 @@ def test_sageattn_varlen_validation(change, exc, pattern):
     change(args)
     with pytest.raises(exc, match=pattern):
         qattn.sageattn_varlen(**args)
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_sageattn_takes_masks_like_sdpa(layout):
+    """attn_mask in sageattn: [B, Hq, Nq, Nk] order in either layout, combined with the
+    bottom-right causal mask; a row with no kept key gives zeros."""
+    q, k, v = make_qkv(2, 4, 2, 30, 50, 32, seed=12)
+    keep = torch.rand(2, 1, 30, 50, generator=torch.Generator().manual_seed(3)) > 0.4
+    keep[1, 0, 7] = False
+    args = (q, k, v) if layout == "HND" else tuple(x.transpose(1, 2) for x in (q, k, v))
+    out = sageattn(*args, tensor_layout=layout, is_causal=True, attn_mask=keep)
+    out = out if layout == "HND" else out.transpose(1, 2)
+    ref = sage_attention(q, k, v, PRESETS["sage2-8b"], causal_offset=20, attn_mask=keep)
+    assert torch.equal(out, ref)
+    assert torch.equal(out[1, :, 7], torch.zeros_like(out[1, :, 7]))
+    exact, _ = exact_attention(q, k, v, causal_offset=20, attn_mask=keep)
+    assert accuracy(out, exact)["cosine"] > 0.999

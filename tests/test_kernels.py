@@ -346,6 +346,21 @@ def test_masks_match_reference(kind, config_name, device):
         assert torch.isneginf(lse[0, 0, 5])
 
 
+@pytest.mark.parametrize("kind", ["key_padding", "2d"])
+def test_masks_with_causal_match_reference(kind, device):
+    config = CONFIGS["sage2-8b"]
+    b, hq, hkv, nq, nk, d = 2, 4, 2, 70, 300, 64
+    q, k, v = make_inputs(b, hq, hkv, nq, nk, d, device=device, k_bias=4.0, seed=27)
+    mask = _make_mask(kind, b, hq, nq, nk, device)
+    out, lse = attention_forward(q, k, v, config, sm_scale=None, attn_mask=mask, causal_offset=nk - nq,
+                                 return_lse=True)
+    block_kv = block_config(d, True, q.device, config).BLOCK_N
+    ref, ref_lse = reference.sage_attention(q, k, v, config, attn_mask=mask, causal_offset=nk - nq,
+                                            return_lse=True, block_kv=block_kv)
+    assert_close_to_reference(out, ref)
+    assert_lse_close(lse, ref_lse)
+
+
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
 def test_tma_loads_equal_pointer_loads(config_name, device, monkeypatch):
     """The TMA-descriptor variant of the K/V loads (used on sm_90 for large D=128 calls)

@@ -97,6 +97,34 @@ def _check_tensor(name: str, x) -> None:
         )
 
 
+def _check_mask(mask, target: tuple, device) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"attn_mask: dtype {mask.dtype} is not supported; accepted: torch.bool "
+                        "(True = attend) or an additive fp16/bf16/fp32 mask")
+    try:
+        fits = torch.broadcast_shapes(mask.shape, target) == torch.Size(target)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"attn_mask: shape {tuple(mask.shape)} does not broadcast to "
+                         f"[B, Hq, Nq, Nk] = {list(target)}") from None
+    if mask.device != device:
+        raise ValueError(f"attn_mask: must be on q's device ({device}), got {mask.device}")
+
+
+def _check_call_options(is_causal, return_lse, sm_scale) -> None:
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal: expected True or False, got {is_causal!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected True or False, got {return_lse!r}")
+    if sm_scale is not None and (
+        isinstance(sm_scale, bool) or not isinstance(sm_scale, Real) or not math.isfinite(sm_scale)
+    ):
+        raise TypeError(f"sm_scale: expected a finite number or None, got {sm_scale!r}")
+
+
 def sageattn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,8 +155,11 @@ def sageattn(
             the original's ``qk_quant_gran`` / ``pv_accum_dtype`` / ``smooth_k`` /
             ``smooth_v``; ``decode``: "auto" (default: on a GPU, query lengths up to
             ``DECODE_MAX_Q`` = 16 run torch's SDPA, unquantized, which is faster there;
-            not with ``return_lse`` or Nq > Nk), "quantized" (always the quantized
-            path) or "sdpa" (always torch's SDPA).
+            not with ``return_lse``, ``attn_mask`` or Nq > Nk), "quantized" (always the
+            quantized path) or "sdpa" (always torch's SDPA); ``attn_mask``: a bool
+            (True = attend) or additive float mask broadcastable to [B, Hq, Nq, Nk]
+            (in that order whatever the layout), combined with ``is_causal`` when both
+            are given; query rows with no kept key give zeros.
 
     Returns:
         O in the layout and dtype of q ([.., Dv] last), and LSE if ``return_lse``.
@@ -145,14 +176,7 @@ def sageattn(
         raise ValueError(
             f"tensor_layout: got {tensor_layout!r}; accepted: 'HND', 'NHD'"
         ) from None
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal: expected True or False, got {is_causal!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse: expected True or False, got {return_lse!r}")
-    if sm_scale is not None and (
-        isinstance(sm_scale, bool) or not isinstance(sm_scale, Real) or not math.isfinite(sm_scale)
-    ):
-        raise TypeError(f"sm_scale: expected a finite number or None, got {sm_scale!r}")
+    _check_call_options(is_causal, return_lse, sm_scale)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(
             f"k, v: dtypes must equal q's ({q.dtype}); got k {k.dtype}, v {v.dtype}"
@@ -196,21 +220,24 @@ def sageattn(
     decode = options.pop("decode", "auto")
     if decode not in _DECODE_CHOICES:
         raise ValueError(f"decode: got {decode!r}; accepted: {', '.join(map(repr, _DECODE_CHOICES))}")
+    nq, nk = qh.shape[2], kh.shape[2]
+    attn_mask = options.pop("attn_mask", None)
+    if attn_mask is not None:
+        _check_mask(attn_mask, (batch, num_q_heads, nq, nk), q.device)
     preset = options.pop("preset", None)
     config = resolve_config(preset, default_preset(q.device), **options)
-    nq, nk = qh.shape[2], kh.shape[2]
     if decode == "sdpa" or (decode == "auto" and q.device.type == "cuda" and nq <= DECODE_MAX_Q):
-        if return_lse or nq > nk or vh.shape[-1] != head_dim:
+        if return_lse or nq > nk or vh.shape[-1] != head_dim or attn_mask is not None:
             if decode == "sdpa":
                 raise ValueError("decode='sdpa': torch's SDPA path cannot return the LSE, give "
-                                 "rows with no key (Nq > Nk) zeros, or take Dv != D")
+                                 "rows with no key (Nq > Nk) zeros, take Dv != D or attn_mask")
         else:
             out = _torch_attention_bottom_right(qh, kh, vh, is_causal, sm_scale)
             return out.transpose(1, 2).contiguous() if layout is TensorLayout.NHD else out
     causal_offset = nk - nq if is_causal else None
 
     out, lse = _quantized_attention(qh, kh, vh, config, sm_scale, causal_offset, return_lse,
-                                    nhd=layout is TensorLayout.NHD)
+                                    nhd=layout is TensorLayout.NHD, attn_mask=attn_mask)
     return (out, lse) if return_lse else out
 
 
@@ -321,14 +348,7 @@ def sageattn_varlen(
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise TypeError(f"{name}: expected an int >= 0, got {value!r}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal: expected True or False, got {is_causal!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse: expected True or False, got {return_lse!r}")
-    if sm_scale is not None and (
-        isinstance(sm_scale, bool) or not isinstance(sm_scale, Real) or not math.isfinite(sm_scale)
-    ):
-        raise TypeError(f"sm_scale: expected a finite number or None, got {sm_scale!r}")
+    _check_call_options(is_causal, return_lse, sm_scale)
     if q.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_offsets_on_host("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
         _check_offsets_on_host("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
@@ -434,8 +454,10 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, en
     if attn_mask is not None:
         target = (*query.shape[:-1], key.shape[-2])
         try:
-            torch.broadcast_shapes(attn_mask.shape, target)
+            fits = torch.broadcast_shapes(attn_mask.shape, target) == torch.Size(target)
         except RuntimeError:
+            fits = False
+        if not fits:
             return f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to {target}"
         if attn_mask.dtype != torch.bool and attn_mask.dtype not in SUPPORTED_DTYPES:
             return f"attn_mask dtype {attn_mask.dtype}"
