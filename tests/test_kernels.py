@@ -499,3 +499,28 @@ def test_gpu_varlen_mixed_lengths(causal):
         if hi - lo >= 64:  # metrics over a handful of values are noise
             acc = metrics.accuracy(out[lo:hi].transpose(0, 1).unsqueeze(0), exact)
             assert acc["cosine"] >= 0.999 and acc["rel_l1"] <= 0.05, (b, acc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_gpu_chunked_prefill_equals_single_shot(config_name):
+    """A prompt in chunks appended to a KV cache (bottom-right causal) gives the rows of
+    the single-shot causal call, within the preset's tolerance (the quantization of K/V
+    differs: each call sees a prefix of K/V)."""
+    q, k, v = make_inputs(1, 8, 2, 1000, 1000, 128, dtype=torch.bfloat16, device="cuda", k_bias=4.0)
+    config = CONFIGS[config_name]
+    full, _ = attention_forward(q, k, v, config, sm_scale=None, causal_offset=0)
+    chunks = []
+    for start in range(0, 1000, 300):
+        stop = min(start + 300, 1000)
+        out, _ = attention_forward(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], config,
+                                   sm_scale=None, causal_offset=start)
+        chunks.append(out)
+    chunked = torch.cat(chunks, dim=2)
+    exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                             is_causal=True, enable_gqa=True)
+    for result in (chunked, full):  # both within the preset's bar against exact attention
+        assert metrics.meets(metrics.accuracy(result, exact), config_name)
+    # and close to each other: two quantizations of the same K/V prefix
+    acc = metrics.accuracy(chunked, full)
+    assert acc["cosine"] >= 0.998 and acc["rel_l1"] <= 0.07, acc
