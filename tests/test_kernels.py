@@ -326,39 +326,27 @@ def _make_mask(kind, b, hq, nq, nk, device):
     return mask.to(device)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["no_causal", "bottom_right"])
 @pytest.mark.parametrize("kind", ["bool", "key_padding", "additive", "2d"])
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
-def test_masks_match_reference(kind, config_name, device):
+def test_masks_match_reference(kind, config_name, causal, device):
     config = CONFIGS[config_name]
     b, hq, hkv, nq, nk, d = 2, 4, 2, 70, 200, 64
     q, k, v = make_inputs(b, hq, hkv, nq, nk, d, device=device, k_bias=4.0, seed=21)
     mask = _make_mask(kind, b, hq, nq, nk, device)
-    out, lse = attention_forward(q, k, v, config, sm_scale=None, attn_mask=mask, return_lse=True)
-    block_kv = block_config(d, False, q.device, config).BLOCK_N
-    ref, ref_lse = reference.sage_attention(q, k, v, config, attn_mask=mask, return_lse=True,
-                                            block_kv=block_kv)
+    offset = nk - nq if causal else None
+    out, lse = attention_forward(q, k, v, config, sm_scale=None, attn_mask=mask, causal_offset=offset,
+                                 return_lse=True)
+    block_kv = block_config(d, causal, q.device, config).BLOCK_N
+    ref, ref_lse = reference.sage_attention(q, k, v, config, attn_mask=mask, causal_offset=offset,
+                                            return_lse=True, block_kv=block_kv)
     assert_close_to_reference(out, ref)
     assert_lse_close(lse, ref_lse)
-    exact, _ = reference.exact_attention(q, k, v, attn_mask=mask)
+    exact, _ = reference.exact_attention(q, k, v, attn_mask=mask, causal_offset=offset)
     assert metrics.cosine_similarity(out, exact) >= 0.999
     if kind == "bool":
         assert torch.equal(out[0, 0, 5], torch.zeros_like(out[0, 0, 5]))
         assert torch.isneginf(lse[0, 0, 5])
-
-
-@pytest.mark.parametrize("kind", ["key_padding", "2d"])
-def test_masks_with_causal_match_reference(kind, device):
-    config = CONFIGS["sage2-8b"]
-    b, hq, hkv, nq, nk, d = 2, 4, 2, 70, 300, 64
-    q, k, v = make_inputs(b, hq, hkv, nq, nk, d, device=device, k_bias=4.0, seed=27)
-    mask = _make_mask(kind, b, hq, nq, nk, device)
-    out, lse = attention_forward(q, k, v, config, sm_scale=None, attn_mask=mask, causal_offset=nk - nq,
-                                 return_lse=True)
-    block_kv = block_config(d, True, q.device, config).BLOCK_N
-    ref, ref_lse = reference.sage_attention(q, k, v, config, attn_mask=mask, causal_offset=nk - nq,
-                                            return_lse=True, block_kv=block_kv)
-    assert_close_to_reference(out, ref)
-    assert_lse_close(lse, ref_lse)
 
 
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])

@@ -99,6 +99,12 @@ def _config(*fields) -> QuantConfig:
     return QuantConfig(*fields)
 
 
+def _config_fields(config: QuantConfig) -> tuple:
+    """``config`` as the ops' schema takes it (the inverse of :func:`_config`)."""
+    return (config.qk_dtype.value, config.granularity.value, config.smooth_k, config.smooth_q,
+            config.pv_dtype.value, config.pv_accum.value, config.smooth_v)
+
+
 @torch.library.custom_op("qattn::attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor,
@@ -157,9 +163,8 @@ def attention(
                         return_lse, out_nhd)
         return out, (lse if return_lse else None)
     out, lse = _attention_op(
-        q, k, v, attn_mask, config.qk_dtype.value, config.granularity.value, config.smooth_k,
-        config.smooth_q, config.pv_dtype.value, config.pv_accum.value, config.smooth_v,
-        float(sm_scale), causal_offset, return_lse, out_nhd,
+        q, k, v, attn_mask, *_config_fields(config), float(sm_scale), causal_offset, return_lse,
+        out_nhd,
     )
     return out, (lse if return_lse else None)
 
@@ -246,8 +251,6 @@ def attention_varlen(
         out, lse = _run_varlen(*args, config, float(sm_scale), causal, return_lse)
     else:
         out, lse = _attention_varlen_op(
-            *args, config.qk_dtype.value, config.granularity.value, config.smooth_k,
-            config.smooth_q, config.pv_dtype.value, config.pv_accum.value, config.smooth_v,
-            float(sm_scale), causal, return_lse,
+            *args, *_config_fields(config), float(sm_scale), causal, return_lse,
         )
     return out, (lse if return_lse else None)
