@@ -4,6 +4,8 @@
     PYTHONPATH=src python3 bench/kernel_sweep.py table   # TOPS table vs SDPA cuDNN / flash
     PYTHONPATH=src python3 bench/kernel_sweep.py masks   # mask variants (block skipping on/off)
     PYTHONPATH=src python3 bench/kernel_sweep.py tma     # TMA descriptor loads vs pointer loads
+    PYTHONPATH=src python3 bench/kernel_sweep.py sm90checks  # Gluon sm_90 kernel vs portable and fp32
+    PYTHONPATH=src python3 bench/kernel_sweep.py sm90    # Gluon sm_90 kernel: tiles, vs portable, SDPA
 
 Whole call timed (K/V quantization launch included), triton.testing.do_bench median.
 TOPS = 4 * B * H * N^2 * D / time, halved for causal.
@@ -20,7 +22,9 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from qattn import metrics, reference
 from qattn.kernels import attention as attn
+from qattn.kernels import attention_sm90
 from qattn.kernels import quantize_kv
 from qattn.presets import PRESETS
 
@@ -230,11 +234,162 @@ def tma():
     return rows
 
 
+def _portable(fn):
+    """Run fn with the Gluon kernel switched off."""
+    attn._USE_SM90 = False
+    try:
+        return fn()
+    finally:
+        attn._USE_SM90 = True
+
+
+def sm90_checks():
+    """Gluon kernel (each tiling of CHECK_TILES) against the reference of the same
+    algorithm and block size, the portable kernel, and fp32 attention."""
+    return [dict(row, tiles=repr(tiles)) for tiles in CHECK_TILES for row in _sm90_checks(tiles)]
+
+
+def _sm90_checks(tiles):
+    attention_sm90._CONFIG_OVERRIDE = tiles
+    attention_sm90.MIN_WORK = 0
+    cfg = PRESETS["sage2-8b"]
+    cases = [  # (B, Hq, Hkv, Nq, Nk, D, causal_offset, k_bias, magnitude)
+        (2, 8, 2, 1000, 1000, 128, None, 4.0, 1.0),
+        (2, 8, 2, 1000, 1000, 128, 0, 4.0, 1.0),
+        (1, 4, 4, 257, 300, 64, 43, 8.0, 1.0),
+        (1, 4, 1, 300, 129, 128, None, 0.0, 1.0),
+        (1, 4, 4, 64, 4000, 72, 3936, 0.0, 1.0),
+        (2, 4, 4, 4096, 4096, 128, None, 0.0, 1.0),
+        (1, 2, 2, 2048, 2048, 128, 0, 0.0, 1e3),
+    ]
+    rows = []
+    for case in cases:
+        b, hq, hkv, nq, nk, d, offset, k_bias, mag = case
+        g = torch.Generator(device="cuda").manual_seed(nq + nk + d)
+        q = torch.randn(b, hq, nq, d, device="cuda", generator=g) * mag
+        k = torch.randn(b, hkv, nk, d, device="cuda", generator=g) * mag + k_bias * torch.randn(d, device="cuda", generator=g)
+        v = torch.randn(b, hkv, nk, d, device="cuda", generator=g) * mag
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+        row = dict(case=case, kernel=attn.kernel_name(cfg, d, offset is not None, q.device))
+        try:
+            out, lse = attn.attention_forward(q, k, v, cfg, sm_scale=None, causal_offset=offset, return_lse=True)
+            ref, ref_lse = _portable(lambda: attn.attention_forward(q, k, v, cfg, sm_scale=None, causal_offset=offset,
+                                                                    return_lse=True))
+            exact, _ = reference.exact_attention(q, k, v, causal_offset=offset, dtype=torch.float32)
+            same = reference.sage_attention(q, k, v, cfg, causal_offset=offset, block_kv=tiles.BLOCK_N)
+            row.update(max_diff_vs_reference=(out.float() - same.float()).abs().max().item(),
+                       rel_l1_vs_reference=metrics.relative_l1(out.float(), same.float()))
+            row.update(finite=bool(torch.isfinite(out).all()),
+                       max_diff_vs_portable=(out.float() - ref.float()).abs().max().item(),
+                       rel_l1_vs_portable=metrics.relative_l1(out.float(), ref.float()),
+                       lse_max_diff=(lse - ref_lse).nan_to_num(0.0, 0.0, 0.0).abs().max().item(),
+                       gluon_vs_exact=metrics.accuracy(out.float(), exact),
+                       portable_vs_exact=metrics.accuracy(ref.float(), exact))
+        except Exception as err:  # noqa: BLE001
+            row["error"] = repr(err)[:2000]
+        rows.append(row)
+        print(repr(tiles), row, flush=True)
+    attention_sm90._CONFIG_OVERRIDE = None
+    return rows
+
+
+def sm90_host():
+    """Host time per call (tiny GPU work, so the host is what is timed), microseconds."""
+    cfg = PRESETS["sage2-8b"]
+    attention_sm90.MIN_WORK = 0
+    q, k, v = (torch.randn(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    kv = quantize_kv(k, v, cfg)
+    out = torch.empty_like(q)
+    tiles = attention_sm90.hopper_config(128, False)
+    gl = attention_sm90.gl
+    cases = {
+        "portable whole call": lambda: _portable(lambda: attn.attention_forward(q, k, v, cfg, sm_scale=None)),
+        "gluon whole call": lambda: attn.attention_forward(q, k, v, cfg, sm_scale=None),
+        "quantize_kv": lambda: quantize_kv(k, v, cfg),
+        "gluon launch": lambda: attention_sm90.launch(
+            q, q.stride(), kv, out, out.stride(), None, cfg, tiles, score_scale=0.1, sm_scale=0.1, batch=1, hq=1,
+            hkv=1, nq=128, nk=128, head_dim=128, causal_offset=None, p_shift=attn.LOG2_FP8_MAX),
+        "two gluon descriptors": lambda: (
+            attention_sm90.TensorDescriptor(kv.k_q, [128, 128], [128, 1], [128, 128],
+                                            gl.NVMMASharedLayout.get_default_for([128, 128], gl.int8)),
+            attention_sm90.TensorDescriptor(kv.v_q, [128, 128], [128, 1], [128, 128],
+                                            gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv))),
+    }
+    rows = {}
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(300):
+            fn()
+        torch.cuda.synchronize()
+        rows[name] = (time.perf_counter() - t0) / 300 * 1e6
+        print(f"host {name}: {rows[name]:.1f} us", flush=True)
+    return rows
+
+
+CHECK_TILES = [attention_sm90.HopperConfig(64, 128, 3), attention_sm90.HopperConfig(64, 64, 4)]
+
+
+def sm90():
+    """Whole call (K/V quantization included) and attention kernel alone: Gluon tiles vs
+    the portable kernel vs SDPA cuDNN / flash. B=4, H=32 (B=1 at 16k), bf16."""
+    global B
+    rows = []
+    cfg = PRESETS["sage2-8b"]
+    HC = attention_sm90.HopperConfig
+    attention_sm90.MIN_WORK = 0
+    variants = {128: [HC(64, 128, 3), HC(64, 64, 3), HC(64, 64, 4), HC(64, 64, 6)],
+                64: [HC(64, 128, 3), HC(64, 64, 4), HC(64, 64, 6)]}
+    print("| D | causal | N | tiles | gluon whole | gluon kernel | portable whole | cuDNN | flash | gluon/cuDNN |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for d in (128, 64):
+        for n in (1024, 4096, 16384):
+            B = 1 if n >= 16384 else 4
+            q, k, v = inputs(n, d)
+            for causal in (False, True):
+                offset = 0 if causal else None
+                whole = lambda: attn.attention_forward(q, k, v, cfg, sm_scale=None, causal_offset=offset)
+                base = dict(d=d, n=n, b=B, causal=causal)
+                base["portable"] = tops(_portable(lambda: bench(whole)), n, d, causal)
+                for backend, name in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")):
+                    with sdpa_kernel(backend):
+                        base[name] = tops(bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+                            q, k, v, is_causal=causal)), n, d, causal)
+                kv = quantize_kv(k, v, cfg)
+                out = torch.empty_like(q)
+                for tiles in variants[d]:
+                    row = dict(base, tiles=repr(tiles))
+                    attention_sm90._CONFIG_OVERRIDE = tiles
+                    try:
+                        row["gluon"] = tops(bench(whole), n, d, causal)
+                        kernel_only = lambda: attention_sm90.launch(
+                            q, q.stride(), kv, out, out.stride(), None, cfg, tiles, score_scale=attn.LOG2E / d**0.5,
+                            sm_scale=1 / d**0.5, batch=B, hq=H, hkv=H, nq=n, nk=n, head_dim=d,
+                            causal_offset=offset, p_shift=attn.LOG2_FP8_MAX)
+                        row["gluon_kernel"] = tops(bench(kernel_only), n, d, causal)
+                    except Exception as err:  # noqa: BLE001
+                        row["gluon"] = row["gluon_kernel"] = float("nan")
+                        row["error"] = repr(err)[:500]
+                    attention_sm90._CONFIG_OVERRIDE = None
+                    rows.append(row)
+                    print(f"| {d} | {causal} | {n} | {row['tiles']} | {row['gluon']:.0f} | {row['gluon_kernel']:.0f} | "
+                          f"{row['portable']:.0f} | {row['cudnn']:.0f} | {row['flash']:.0f} | "
+                          f"{row['gluon'] / row['cudnn']:.2f}x |", flush=True)
+                    if "error" in row:
+                        print(row["error"])
+    B = 4
+    return rows
+
+
 if __name__ == "__main__":
     out_dir = os.environ.get("OUT", ".")
     what = sys.argv[1:] or ["table"]
     all_results = {}
     for w in what:
-        all_results[w] = {"sweep": sweep, "table": table, "info": info, "masks": masks, "tma": tma}[w]()
+        all_results[w] = {"sweep": sweep, "table": table, "info": info, "masks": masks, "tma": tma,
+                          "sm90": sm90, "sm90checks": sm90_checks,
+                          "sm90host": sm90_host}[w]()
     with open(os.path.join(out_dir, f"kernel_{'_'.join(what)}.json"), "w") as f:
         json.dump(all_results, f, indent=1)

@@ -29,7 +29,17 @@ import pytest
 import torch
 
 from qattn import metrics, reference
-from qattn.kernels import attention_forward, attention_forward_varlen, block_config, quantize_kv, supports
+from qattn.kernels import attention as attn_module
+from qattn.kernels import attention_sm90
+from qattn.kernels import (
+    attention_forward,
+    attention_forward_varlen,
+    block_config,
+    kernel_name,
+    quantize_kv,
+    softmax_block,
+    supports,
+)
 from qattn.presets import PRESETS
 
 CONFIGS = {
@@ -55,12 +65,31 @@ def make_inputs(b, hq, hkv, nq, nk, d, *, dtype=torch.float16, device="cpu", see
     return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v))
 
 
+@pytest.fixture(params=["default", "portable"])
+def kernel(request, monkeypatch, device):
+    """Run a test with the kernel dispatch picks (the Gluon sm_90 kernel on an H100/H200
+    wherever it applies, small calls included), and again with the portable Triton
+    kernel where that differs."""
+    monkeypatch.setattr(attention_sm90, "MIN_WORK", 0)
+    if request.param == "portable":
+        if kernel_name(PRESETS["sage2-8b"], 128, False, device) == "triton":
+            pytest.skip("the portable kernel is the default here")
+        monkeypatch.setattr(attn_module, "_USE_SM90", False)
+    return request.param
+
+
 def causal_offset_for(mode, nq, nk):
     return {None: None, "top-left": 0, "bottom-right": nk - nq}[mode]
 
 
-def run_reference(q, k, v, config, causal_offset):
-    block_kv = block_config(q.shape[-1], causal_offset is not None, q.device, config).BLOCK_N
+def run_reference(q, k, v, config, causal_offset, masked=False):
+    """The reference with the online-softmax block of the kernel that runs this call."""
+    causal = causal_offset is not None
+    if masked:  # user masks always run the portable kernel
+        block_kv = block_config(q.shape[-1], causal, q.device, config).BLOCK_N
+    else:
+        work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+        block_kv = softmax_block(config, q.shape[-1], causal, q.device, work)
     return reference.sage_attention(q, k, v, config, causal_offset=causal_offset, return_lse=True,
                                     block_kv=block_kv)
 
@@ -128,7 +157,7 @@ def _check_case(config_name, shape, causal_mode, device, dtype=torch.float16):
 @pytest.mark.parametrize("causal_mode", CAUSAL_MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
-def test_presets_match_reference(config_name, shape, causal_mode, device):
+def test_presets_match_reference(config_name, shape, causal_mode, device, kernel):
     _check_case(config_name, shape, causal_mode, device)
 
 
@@ -141,12 +170,12 @@ def test_other_configs_match_reference(config_name, shape, causal_mode, device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
-def test_input_dtypes(config_name, dtype, device):
+def test_input_dtypes(config_name, dtype, device, kernel):
     _check_case(config_name, (1, 2, 1, 100, 150, 64, 8.0), "bottom-right", device, dtype=dtype)
 
 
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
-def test_nhd_views_and_out_view(config_name, device):
+def test_nhd_views_and_out_view(config_name, device, kernel):
     """NHD tensors arrive as transposed views; the output is written into an NHD view."""
     config = CONFIGS[config_name]
     b, h, hkv, nq, nk, d = 2, 4, 2, 70, 90, 64
@@ -158,13 +187,14 @@ def test_nhd_views_and_out_view(config_name, device):
                                  out=out_nhd.transpose(1, 2))
     assert out.data_ptr() == out_nhd.data_ptr()
     ref, ref_lse = reference.sage_attention(q, k, v, config, sm_scale=0.1, causal_offset=nk - nq,
-                                            return_lse=True, block_kv=block_config(d, True, device, config).BLOCK_N)
+                                            return_lse=True,
+                                            block_kv=softmax_block(config, d, True, device, b * h * nq * nk))
     assert_close_to_reference(out_nhd.transpose(1, 2), ref)
     assert_lse_close(lse, ref_lse)
 
 
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
-def test_non_contiguous_inputs(config_name, device):
+def test_non_contiguous_inputs(config_name, device, kernel):
     """Slices of larger tensors (row stride != D, every other token, every other head)."""
     config = CONFIGS[config_name]
     b, h, nq, nk, d = 1, 2, 50, 120, 64
@@ -181,7 +211,7 @@ def test_non_contiguous_inputs(config_name, device):
     check_against_exact(out, q, k, v, None)
 
 
-def test_empty_rows_and_lse(device):
+def test_empty_rows_and_lse(device, kernel):
     """Nq > Nk bottom-right: the first Nq - Nk rows see no key: output 0, LSE -inf."""
     config = CONFIGS["sage2-8b"]
     q, k, v = make_inputs(1, 2, 2, 150, 40, 64, device=device, seed=3)
@@ -202,7 +232,7 @@ def test_no_keys(device):
 
 
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
-def test_large_magnitude_bf16(config_name, device):
+def test_large_magnitude_bf16(config_name, device, kernel):
     """|x| up to 1e3 in bf16: no overflow anywhere (scores ~1e6 in the log2 domain)."""
     config = CONFIGS[config_name]
     gen = torch.Generator().manual_seed(4)
@@ -277,7 +307,7 @@ def test_block_config_table():
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
-def test_gpu_big_shape_accuracy(config_name, causal):
+def test_gpu_big_shape_accuracy(config_name, causal, kernel):
     q, k, v = make_inputs(1, 8, 8, 2048, 2048, 128, dtype=torch.bfloat16, device="cuda", k_bias=4.0)
     config = CONFIGS[config_name]
     out, _ = attention_forward(q, k, v, config, sm_scale=None, causal_offset=0 if causal else None)
@@ -286,6 +316,47 @@ def test_gpu_big_shape_accuracy(config_name, causal):
     exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
     acc = metrics.accuracy(out, exact)
     assert acc["cosine"] >= 0.999 and acc["rel_l1"] <= 0.05, acc
+
+
+def test_kernel_dispatch():
+    """The Gluon kernel is chosen only for CUDA sm_90 FP8-P~V dense unmasked calls."""
+    sage2 = PRESETS["sage2-8b"]
+    assert kernel_name(sage2, 128, False, "cpu") == "triton"
+    if kernel_name(sage2, 128, False, "cuda" if torch.cuda.is_available() else "cpu") == "gluon-sm90":
+        assert kernel_name(PRESETS["sage1"], 128, False, "cuda") == "triton"  # fp16 P~V
+        assert kernel_name(sage2, 256, False, "cuda") == "triton"
+        assert kernel_name(sage2, 128, False, "cuda", work=4 * 32 * 512 * 512) == "triton"  # host-bound
+        assert kernel_name(sage2, 128, True, "cuda", masked=True) == "triton"
+        assert kernel_name(sage2, 128, True, "cuda", varlen=True) == "triton"
+        assert kernel_name(CONFIGS["sage2-8b-token"], 128, True, "cuda") == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal_mode", [None, "top-left", "bottom-right"])
+@pytest.mark.parametrize("head_dim", [80, 128])
+@pytest.mark.parametrize("config_name", ["sage2-8b", "sage2-8b-smoothv-nosmoothk"])
+def test_gpu_sm90_kernel_long_gqa_odd_lengths(config_name, head_dim, causal_mode, monkeypatch):
+    """The Gluon kernel over many K/V blocks (its shared-memory ring wraps several times),
+    GQA and lengths that are not block multiples: same numbers as the reference and,
+    within the same tolerance, as the portable kernel."""
+    config = CONFIGS[config_name]
+    monkeypatch.setattr(attention_sm90, "MIN_WORK", 0)
+    if kernel_name(config, head_dim, causal_mode is not None, "cuda") != "gluon-sm90":
+        pytest.skip("the Gluon kernel does not run here (needs sm_90 and a tested Triton)")
+    q, k, v = make_inputs(2, 8, 2, 1000, 1531, head_dim, dtype=torch.bfloat16, device="cuda", k_bias=4.0,
+                          seed=head_dim)
+    offset = causal_offset_for(causal_mode, 1000, 1531)
+    out, lse = attention_forward(q, k, v, config, sm_scale=None, causal_offset=offset, return_lse=True)
+    ref, ref_lse = run_reference(q, k, v, config, offset)
+    assert_close_to_reference(out, ref)
+    assert_lse_close(lse, ref_lse)
+    if config.smooth_k:  # without smoothing, K's channel bias costs INT8 accuracy by design
+        check_against_exact(out, q, k, v, offset)
+    monkeypatch.setattr(attn_module, "_USE_SM90", False)
+    portable, portable_lse = attention_forward(q, k, v, config, sm_scale=None, causal_offset=offset,
+                                               return_lse=True)
+    assert_close_to_reference(out, portable)
+    assert_lse_close(lse, portable_lse)
 
 
 @pytest.mark.gpu
@@ -353,12 +424,11 @@ def test_masks_match_reference(kind, config_name, causal, device):
 def test_tma_loads_equal_pointer_loads(config_name, device, monkeypatch):
     """The TMA-descriptor variant of the K/V loads (used on sm_90 for large D=128 calls)
     gives the same bits as plain loads, dense and varlen."""
-    from qattn.kernels import attention as attn_module
-
     config = CONFIGS[config_name]
     q, k, v = make_inputs(2, 4, 2, 100, 300, 128, device=device, k_bias=4.0, seed=31)
     table = block_config(128, True, q.device, config)
     monkeypatch.setattr(attn_module, "_TMA_MIN_WORK", 0)
+    monkeypatch.setattr(attn_module, "_USE_SM90", False)
     results = []
     for use_tma in (False, True):
         monkeypatch.setattr(attn_module, "_BLOCK_OVERRIDE", table._replace(tma=use_tma))
@@ -397,7 +467,7 @@ def test_one_row_masks_compute_only_the_kept_span(additive, device):
 
 @pytest.mark.parametrize("head_dim", [8, 40, 72, 160, 192, 256])
 @pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
-def test_head_dims_padded_to_a_power_of_two(head_dim, config_name, device):
+def test_head_dims_padded_to_a_power_of_two(head_dim, config_name, device, kernel):
     """Any D up to 256: stored padded to the next power of two (>= 32), exact for dots."""
     _check_case(config_name, (1, 2, 1, 70, 150, head_dim, 4.0), "bottom-right", device)
 

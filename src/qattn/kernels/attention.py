@@ -22,6 +22,10 @@ through ``cu_seqlens``):
 
 Numerics are those of :func:`qattn.reference.sage_attention` with ``block_kv=BLOCK_N``
 (see :func:`block_config`).
+
+On sm_90 with a tested Triton, large dense unmasked FP8 calls launch the Gluon kernel of
+:mod:`.attention_sm90` instead (:func:`sm90_tiles` decides; :func:`kernel_name` reports;
+:func:`softmax_block` gives its block size for the reference).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ except ImportError:  # pragma: no cover - older triton
 
 from ..ops import device_capability
 from ..presets import PVAccum, PVDtype, QKDtype, QuantConfig
+from . import attention_sm90
 from .quantize import (
     _group_amax,
     _quant_multiplier,
@@ -50,7 +55,15 @@ from .quantize import (
     quantize_kv,
 )
 
-__all__ = ["attention_forward", "attention_forward_varlen", "supports", "block_config", "BlockConfig"]
+__all__ = [
+    "attention_forward",
+    "attention_forward_varlen",
+    "supports",
+    "block_config",
+    "BlockConfig",
+    "kernel_name",
+    "softmax_block",
+]
 
 LOG2E = 1.4426950408889634
 LOG2_FP8_MAX = math.log2(448.0)
@@ -114,6 +127,9 @@ _BLOCK_OVERRIDE: BlockConfig | None = None
 _SKIP_EMPTY_BLOCKS = True
 # Smallest B * Hq * Nq * Nk for which a config's ``tma`` is used (see _launch).
 _TMA_MIN_WORK = 2**29
+# Use the Gluon kernel (attention_sm90) where it applies; tests and benchmarks switch it
+# off to run this file's kernel on the same cases.
+_USE_SM90 = True
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -603,14 +619,59 @@ def attention_forward_varlen(
     return out, lse
 
 
+def sm90_tiles(config: QuantConfig, head_dim: int, causal: bool, device: torch.device,
+               varlen: bool = False, masked: bool = False, work: int | None = None,
+               ) -> "attention_sm90.HopperConfig | None":
+    """The Gluon kernel's tiles when it runs this case, else None (the portable kernel
+    runs): sm_90, a Triton version it was tested on, FP8 P~V, no user mask, dense
+    batches, a head dim in its table, Q groups within a tile, K groups of half a block
+    or more, and ``work = B * Hq * Nq * Nk`` (None: large) of at least its MIN_WORK."""
+    if not (_USE_SM90 and attention_sm90.AVAILABLE) or varlen or masked or device.type != "cuda":
+        return None
+    if work is not None and work < attention_sm90.MIN_WORK:
+        return None
+    if _capability(device) != (9, 0) or config.pv_dtype is not PVDtype.FP8:
+        return None
+    tiles = attention_sm90.hopper_config(padded_head_dim(head_dim), causal)
+    if tiles is None or tiles.BLOCK_M % config.q_group or config.k_group * 2 < tiles.BLOCK_N:
+        return None
+    return tiles
+
+
+def softmax_block(config: QuantConfig, head_dim: int, causal: bool, device: torch.device | str,
+                  work: int | None = None) -> int:
+    """K/V block of the online softmax of the kernel that runs a dense unmasked call
+    (``work = B * Hq * Nq * Nk``): pass it as ``block_kv`` to
+    :func:`qattn.reference.sage_attention` to reproduce that call's numbers."""
+    tiles = sm90_tiles(config, head_dim, causal, torch.device(device), work=work)
+    return block_config(head_dim, causal, device, config).BLOCK_N if tiles is None else tiles.BLOCK_N
+
+
+def kernel_name(config: QuantConfig, head_dim: int, causal: bool, device: torch.device | str,
+                varlen: bool = False, masked: bool = False, work: int | None = None) -> str:
+    """Which attention kernel a call with these properties runs: 'gluon-sm90' or 'triton'
+    (``work = B * Hq * Nq * Nk``; None: a large call)."""
+    tiles = sm90_tiles(config, head_dim, causal, torch.device(device), varlen, masked, work)
+    return "triton" if tiles is None else "gluon-sm90"
+
+
 def _launch(q, q_strides, kv, out, out_strides, lse, cu_q, cu_k, mask, mask_strides, mask_kind,
             config, sm_scale, *, batch, hq, hkv, nq, nk, head_dim, causal_offset, total_q):
-    """Launch :func:`_attn_fwd_kernel` (strides in [B, H, N, D] order; varlen when cu_q
-    is given, with B = number of sequences, nq / nk the longest lengths)."""
+    """Launch :func:`_attn_fwd_kernel`, or the Gluon kernel where it applies (strides in
+    [B, H, N, D] order; varlen when cu_q is given, with B = number of sequences, nq / nk
+    the longest lengths)."""
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     causal = causal_offset is not None
     varlen = cu_q is not None
+    p_shift = LOG2_FP8_MAX if config.pv_dtype is PVDtype.FP8 else 0.0
+    tiles = sm90_tiles(config, head_dim, causal, q.device, varlen, mask_kind != 0, batch * hq * nq * nk)
+    if tiles is not None:
+        attention_sm90.launch(
+            q, q_strides, kv, out, out_strides, lse, config, tiles, score_scale=sm_scale * LOG2E,
+            sm_scale=sm_scale, batch=batch, hq=hq, hkv=hkv, nq=nq, nk=nk, head_dim=head_dim,
+            causal_offset=causal_offset, p_shift=p_shift)
+        return
     dpad = kv.k_q.shape[-1]
     rows = kv.k_q.shape[1]
     blocks = block_config(head_dim, causal, q.device, config)
@@ -643,6 +704,6 @@ def _launch(q, q_strides, kv, out, out_strides, lse, cu_q, cu_k, mask, mask_stri
         SKIP_EMPTY=_SKIP_EMPTY_BLOCKS,
         PV_FP8=config.pv_dtype is PVDtype.FP8, PV_ACC_FP16=config.pv_accum is PVAccum.FP16,
         SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, RETURN_LSE=lse is not None,
-        EXACT=interpreting(), P_SHIFT=LOG2_FP8_MAX if config.pv_dtype is PVDtype.FP8 else 0.0,
+        EXACT=interpreting(), P_SHIFT=p_shift,
         USE_TMA=use_tma, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
