@@ -1,22 +1,25 @@
 """SageAttention2 forward for Hopper (sm_90) in Triton's Gluon dialect.
 
-Same numbers as :func:`qattn.kernels.attention._attn_fwd_kernel` for the cases it takes
-(INT8 QK^T, FP8 P~V with two-level fp32 accumulation, no user mask, dense batches), but
-written against the hardware instead of through ``tl.dot``:
+The algorithm of :func:`qattn.kernels.attention._attn_fwd_kernel` for the cases it takes
+(INT8 QK^T, FP8 P~V with two-level fp32 accumulation, no user mask, dense batches; the
+same bits where BLOCK_N matches, i.e. D=128), written against the hardware instead of
+through ``tl.dot``:
 
 * K (INT8, ``[BLOCK_N, DPAD]``) and V^T (FP8, ``[DPAD, BLOCK_N]``) tiles arrive by TMA
   into a ring of ``STAGES`` shared-memory slots, each with an mbarrier that the TMA
   completes. A slot is refilled as soon as the block it held is done, so loads run
   ``STAGES`` blocks ahead.
 * Both products are asynchronous ``wgmma`` ops. Block j+1's ``Q K^T`` is issued before
-  block j's softmax and runs under it; block j's ``P~ V`` runs under the rescale of the
-  accumulator (FlashAttention-3's intra-warpgroup overlap). Two CTAs per SM interleave
-  the rest (their phases drift apart on their own).
+  block j's softmax so that it can run under it (FlashAttention-3's intra-warpgroup
+  overlap); at BLOCK_N = 128 and 255 registers ptxas moves the issue below the softmax
+  (docs/kernel_notes.md, session 4), so there the overlap comes from the second CTA on
+  the SM.
 * Q is quantized to INT8 in the prologue and kept in shared memory, as wgmma's A operand.
 
 Grid, program and buffer layouts are those of the portable kernel (see attention.py and
 quantize.py). The Gluon API moves between Triton releases: :data:`TESTED_TRITON` lists
-the versions this file ran on, and dispatch uses it nowhere else.
+the versions this file ran on; on any other, :data:`AVAILABLE` is False and the portable
+kernel runs. ``bench/compile_sm90.py`` compiles it for sm_90a on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -120,9 +123,9 @@ if AVAILABLE:
         s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
     ):
         """One K/V block of the online softmax, from its ``s_int = Q K^T``. With
-        ISSUE_NEXT, block j + 1's ``Q K^T`` is issued first, runs on the tensor cores
-        during this block's softmax, and is returned (waited for here, with this block's
-        P~ V: a pending wgmma result carried across iterations makes ptxas serialize)."""
+        ISSUE_NEXT, block j + 1's ``Q K^T`` is issued first (to run under this block's
+        softmax) and returned, waited for here with this block's P~ V: a pending wgmma
+        result carried across iterations makes ptxas serialize."""
         slot = j % STAGES
         if ISSUE_NEXT:
             s_tok = _issue_qk(q_smem, k_smem, ready, j + 1, s_zero, STAGES)
