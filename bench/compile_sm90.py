@@ -6,8 +6,7 @@
 Needs a Triton that ``attention_sm90.TESTED_TRITON`` names (its wheel carries ptxas and
 cuobjdump). Prints shared memory, registers and spills, and with --sass writes the
 disassembly (where ptxas placed the wgmma issues, WARPGROUP.ARRIVE, relative to the
-MUFU.EX2 of the softmax: kernel notes,
-session 4).
+MUFU.EX2 of the softmax: kernel notes, session 4).
 """
 
 from __future__ import annotations
