@@ -301,7 +301,6 @@ def sm90_host():
     kv = quantize_kv(k, v, cfg)
     out = torch.empty_like(q)
     tiles = attention_sm90.hopper_config(128, False)
-    gl = attention_sm90.gl
     cases = {
         "portable whole call": lambda: _portable(lambda: attn.attention_forward(q, k, v, cfg, sm_scale=None)),
         "gluon whole call": lambda: attn.attention_forward(q, k, v, cfg, sm_scale=None),
@@ -309,11 +308,7 @@ def sm90_host():
         "gluon launch": lambda: attention_sm90.launch(
             q, q.stride(), kv, out, out.stride(), None, cfg, tiles, score_scale=0.1, sm_scale=0.1, batch=1, hq=1,
             hkv=1, nq=128, nk=128, head_dim=128, causal_offset=None, p_shift=attn.LOG2_FP8_MAX),
-        "two gluon descriptors": lambda: (
-            attention_sm90.TensorDescriptor(kv.k_q, [128, 128], [128, 1], [128, 128],
-                                            gl.NVMMASharedLayout.get_default_for([128, 128], gl.int8)),
-            attention_sm90.TensorDescriptor(kv.v_q, [128, 128], [128, 1], [128, 128],
-                                            gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv))),
+        "two gluon descriptors": lambda: attention_sm90.kv_descriptors(kv, tiles.BLOCK_N),
     }
     rows = {}
     for name, fn in cases.items():

@@ -82,14 +82,11 @@ def causal_offset_for(mode, nq, nk):
     return {None: None, "top-left": 0, "bottom-right": nk - nq}[mode]
 
 
-def run_reference(q, k, v, config, causal_offset, masked=False):
-    """The reference with the online-softmax block of the kernel that runs this call."""
-    causal = causal_offset is not None
-    if masked:  # user masks always run the portable kernel
-        block_kv = block_config(q.shape[-1], causal, q.device, config).BLOCK_N
-    else:
-        work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-        block_kv = softmax_block(config, q.shape[-1], causal, q.device, work)
+def run_reference(q, k, v, config, causal_offset):
+    """The reference with the online-softmax block of the kernel that runs this
+    (dense, unmasked) call."""
+    work = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+    block_kv = softmax_block(config, q.shape[-1], causal_offset is not None, q.device, work)
     return reference.sage_attention(q, k, v, config, causal_offset=causal_offset, return_lse=True,
                                     block_kv=block_kv)
 

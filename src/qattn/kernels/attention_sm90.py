@@ -44,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without Gluon
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "TESTED_TRITON", "HopperConfig", "hopper_config", "launch"]
+__all__ = ["AVAILABLE", "TESTED_TRITON", "HopperConfig", "hopper_config", "kv_descriptors", "launch"]
 
 
 class HopperConfig:
@@ -318,15 +318,23 @@ if AVAILABLE:
             gl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
+def kv_descriptors(kv, block_n: int):
+    """Host TMA descriptors of the quantized K ([Hkv * rows, dpad] in [block_n, dpad]
+    boxes) and V^T ([Hkv * dpad, rows] in [dpad, block_n] boxes)."""
+    hkv, rows, dpad = kv.k_q.shape
+    k_layout = gl.NVMMASharedLayout.get_default_for([block_n, dpad], gl.int8)
+    v_layout = gl.NVMMASharedLayout.get_default_for([dpad, block_n], gl.float8e4nv)
+    k_desc = TensorDescriptor(kv.k_q, [hkv * rows, dpad], [dpad, 1], [block_n, dpad], k_layout)
+    v_desc = TensorDescriptor(kv.v_q, [hkv * dpad, rows], [rows, 1], [dpad, block_n], v_layout)
+    return k_desc, v_desc
+
+
 def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig, *, score_scale, sm_scale,
            batch, hq, hkv, nq, nk, head_dim, causal_offset, p_shift):
     """Launch the Gluon kernel on a dense batch (the caller checked that it applies)."""
     dpad = kv.k_q.shape[-1]
     rows = kv.k_q.shape[1]
-    k_layout = gl.NVMMASharedLayout.get_default_for([tiles.BLOCK_N, dpad], gl.int8)
-    v_layout = gl.NVMMASharedLayout.get_default_for([dpad, tiles.BLOCK_N], gl.float8e4nv)
-    k_desc = TensorDescriptor(kv.k_q, [hkv * rows, dpad], [dpad, 1], [tiles.BLOCK_N, dpad], k_layout)
-    v_desc = TensorDescriptor(kv.v_q, [hkv * dpad, rows], [rows, 1], [dpad, tiles.BLOCK_N], v_layout)
+    k_desc, v_desc = kv_descriptors(kv, tiles.BLOCK_N)
     causal = causal_offset is not None
     grid = (triton.cdiv(nq, tiles.BLOCK_M), batch * hq)
     _sage_fwd_sm90[grid](
