@@ -298,9 +298,9 @@ def sm90_host():
     cfg = PRESETS["sage2-8b"]
     attention_sm90.MIN_WORK = 0
     q, k, v = (torch.randn(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    kv = quantize_kv(k, v, cfg)
-    out = torch.empty_like(q)
     tiles = attention_sm90.hopper_config(128, False)
+    kv = quantize_kv(k, v, cfg, wgmma_v_order=True)
+    out = torch.empty_like(q)
     cases = {
         "portable whole call": lambda: _portable(lambda: attn.attention_forward(q, k, v, cfg, sm_scale=None)),
         "gluon whole call": lambda: attn.attention_forward(q, k, v, cfg, sm_scale=None),
@@ -324,7 +324,7 @@ def sm90_host():
     return rows
 
 
-CHECK_TILES = [attention_sm90.HopperConfig(64, 128, 3), attention_sm90.HopperConfig(64, 64, 4)]
+CHECK_TILES = [attention_sm90.HopperConfig(128, 3), attention_sm90.HopperConfig(64, 4)]
 
 
 def sm90():
@@ -335,8 +335,7 @@ def sm90():
     cfg = PRESETS["sage2-8b"]
     HC = attention_sm90.HopperConfig
     attention_sm90.MIN_WORK = 0
-    variants = {128: [HC(64, 128, 3), HC(64, 64, 3), HC(64, 64, 4), HC(64, 64, 6)],
-                64: [HC(64, 128, 3), HC(64, 64, 4), HC(64, 64, 6)]}
+    variants = {128: [HC(128, 3), HC(64, 4)], 64: [HC(128, 3), HC(64, 4)]}
     print("| D | causal | N | tiles | gluon whole | gluon kernel | portable whole | cuDNN | flash | gluon/cuDNN |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for d in (128, 64):
@@ -348,12 +347,15 @@ def sm90():
                 whole = lambda: attn.attention_forward(q, k, v, cfg, sm_scale=None, causal_offset=offset)
                 base = dict(d=d, n=n, b=B, causal=causal)
                 base["portable"] = tops(_portable(lambda: bench(whole)), n, d, causal)
+                for order in (False, True):  # K/V quantization alone, V^T in plain / wgmma order
+                    base[f"quantize_us_{'wgmma' if order else 'plain'}_order"] = 1e3 * bench(
+                        lambda: quantize_kv(k, v, cfg, wgmma_v_order=order))
                 for backend, name in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")):
                     with sdpa_kernel(backend):
                         base[name] = tops(bench(lambda: torch.nn.functional.scaled_dot_product_attention(
                             q, k, v, is_causal=causal)), n, d, causal)
-                kv = quantize_kv(k, v, cfg)
                 out = torch.empty_like(q)
+                kv = quantize_kv(k, v, cfg, wgmma_v_order=True)
                 for tiles in variants[d]:
                     row = dict(base, tiles=repr(tiles))
                     attention_sm90._CONFIG_OVERRIDE = tiles
@@ -371,7 +373,8 @@ def sm90():
                     rows.append(row)
                     print(f"| {d} | {causal} | {n} | {row['tiles']} | {row['gluon']:.0f} | {row['gluon_kernel']:.0f} | "
                           f"{row['portable']:.0f} | {row['cudnn']:.0f} | {row['flash']:.0f} | "
-                          f"{row['gluon'] / row['cudnn']:.2f}x |", flush=True)
+                          f"{row['gluon'] / row['cudnn']:.2f}x | quantize {row['quantize_us_plain_order']:.0f} / "
+                          f"{row['quantize_us_wgmma_order']:.0f} us", flush=True)
                     if "error" in row:
                         print(row["error"])
     B = 4

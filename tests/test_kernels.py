@@ -278,6 +278,26 @@ def test_quantize_kv_matches_reference(config_name, device):
         torch.testing.assert_close(v_q[:, :, :n, :d].float(), vf.half().float(), rtol=1e-3, atol=1e-3)
 
 
+def test_quantize_kv_wgmma_v_order(device):
+    """wgmma_v_order stores exactly the plain FP8 V^T with the tokens of every 32-token
+    chunk reordered as the Gluon kernel's reshape/permute of P~ reorders its keys."""
+    config = PRESETS["sage2-8b"]
+    _, k, v = make_inputs(2, 2, 2, 1, 150, 64, device=device, seed=11)
+    plain = quantize_kv(k, v, config)
+    ordered = quantize_kv(k, v, config, wgmma_v_order=True)
+    assert ordered.wgmma_v_order and not plain.wgmma_v_order
+    rows = plain.v_q.shape[-1]
+    # the kernel: key (chunk, h, i, q, e) of P~ lands at operand column (chunk, h, q, i, e)
+    source = torch.arange(rows, device=device).reshape(rows // 32, 2, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(rows)
+    assert torch.equal(ordered.v_q.view(torch.uint8), plain.v_q.view(torch.uint8)[..., source])
+    assert not torch.equal(source, torch.arange(rows, device=device))
+    for a, b in ((ordered.k_q, plain.k_q), (ordered.k_scale, plain.k_scale), (ordered.k_mean, plain.k_mean),
+                 (ordered.v_scale, plain.v_scale)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="wgmma_v_order"):
+        quantize_kv(k, v, PRESETS["sage1"], wgmma_v_order=True)
+
+
 def test_supports_reasons(device):
     q, k, v = make_inputs(1, 4, 2, 8, 8, 64, device=device)
     cfg = PRESETS["sage2-8b"]

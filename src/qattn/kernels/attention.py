@@ -545,7 +545,9 @@ def attention_forward(
             lse.fill_(-math.inf)
         return out, lse
 
-    kv = quantize_kv(k, v, config)
+    tiles = sm90_tiles(config, head_dim, causal_offset is not None, q.device, False, attn_mask is not None,
+                       batch * hq * nq * nk)
+    kv = quantize_kv(k, v, config, wgmma_v_order=tiles is not None)
     if attn_mask is None:
         mask, mask_strides, mask_kind = out, (0, 0, 0, 0), 0
     else:
@@ -556,7 +558,7 @@ def attention_forward(
         out, (out.stride(0), out.stride(1), out.stride(2), out.stride(3)), lse, None, None,
         mask, mask_strides, mask_kind, config, sm_scale,
         batch=batch, hq=hq, hkv=hkv, nq=nq, nk=nk, head_dim=head_dim,
-        causal_offset=causal_offset, total_q=0,
+        causal_offset=causal_offset, total_q=0, sm90=tiles,
     )
     return out, lse
 
@@ -633,7 +635,9 @@ def sm90_tiles(config: QuantConfig, head_dim: int, causal: bool, device: torch.d
     if _capability(device) != (9, 0) or config.pv_dtype is not PVDtype.FP8:
         return None
     tiles = attention_sm90.hopper_config(padded_head_dim(head_dim), causal)
-    if tiles is None or tiles.BLOCK_M % config.q_group or config.k_group * 2 < tiles.BLOCK_N:
+    # a Q group within a warpgroup's rows; a K group covering half a block (one K scale
+    # per half: the kernel folds it into the row scale)
+    if tiles is None or tiles.Q_ROWS % config.q_group or config.k_group % (tiles.BLOCK_N // 2):
         return None
     return tiles
 
@@ -656,19 +660,18 @@ def kernel_name(config: QuantConfig, head_dim: int, causal: bool, device: torch.
 
 
 def _launch(q, q_strides, kv, out, out_strides, lse, cu_q, cu_k, mask, mask_strides, mask_kind,
-            config, sm_scale, *, batch, hq, hkv, nq, nk, head_dim, causal_offset, total_q):
-    """Launch :func:`_attn_fwd_kernel`, or the Gluon kernel where it applies (strides in
-    [B, H, N, D] order; varlen when cu_q is given, with B = number of sequences, nq / nk
-    the longest lengths)."""
+            config, sm_scale, *, batch, hq, hkv, nq, nk, head_dim, causal_offset, total_q, sm90=None):
+    """Launch :func:`_attn_fwd_kernel`, or the Gluon kernel with tiles ``sm90`` (what
+    :func:`sm90_tiles` chose for this call) (strides in [B, H, N, D] order; varlen when
+    cu_q is given, with B = number of sequences, nq / nk the longest lengths)."""
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     causal = causal_offset is not None
     varlen = cu_q is not None
     p_shift = LOG2_FP8_MAX if config.pv_dtype is PVDtype.FP8 else 0.0
-    tiles = sm90_tiles(config, head_dim, causal, q.device, varlen, mask_kind != 0, batch * hq * nq * nk)
-    if tiles is not None:
+    if sm90 is not None:
         attention_sm90.launch(
-            q, q_strides, kv, out, out_strides, lse, config, tiles, score_scale=sm_scale * LOG2E,
+            q, q_strides, kv, out, out_strides, lse, config, sm90, score_scale=sm_scale * LOG2E,
             sm_scale=sm_scale, batch=batch, hq=hq, hkv=hkv, nq=nq, nk=nk, head_dim=head_dim,
             causal_offset=causal_offset, p_shift=p_shift)
         return

@@ -1,22 +1,29 @@
-"""SageAttention2 forward for Hopper (sm_90) in Triton's Gluon dialect.
+"""SageAttention2 forward for Hopper (sm_90) in Triton's Gluon dialect, warp-specialized.
 
 The algorithm of :func:`qattn.kernels.attention._attn_fwd_kernel` for the cases it takes
-(INT8 QK^T, FP8 P~V with two-level fp32 accumulation, no user mask, dense batches; the
-same bits where BLOCK_N matches, i.e. D=128), written against the hardware instead of
-through ``tl.dot``:
+(INT8 QK^T, FP8 P~V with two-level fp32 accumulation, no user mask, dense batches),
+written against the hardware instead of through ``tl.dot``. A CTA has 128 query rows and
+three partitions (``gl.warp_specialize``):
 
-* K (INT8, ``[BLOCK_N, DPAD]``) and V^T (FP8, ``[DPAD, BLOCK_N]``) tiles arrive by TMA
-  into a ring of ``STAGES`` shared-memory slots, each with an mbarrier that the TMA
-  completes. A slot is refilled as soon as the block it held is done, so loads run
-  ``STAGES`` blocks ahead.
-* Both products are asynchronous ``wgmma`` ops. Block j+1's ``Q K^T`` is issued before
-  block j's softmax so that it can run under it (FlashAttention-3's intra-warpgroup
-  overlap); at BLOCK_N = 128 and 255 registers ptxas moves the issue below the softmax
-  (docs/kernel_notes.md, session 4), so there the overlap comes from the second CTA on
-  the SM.
-* Q is quantized to INT8 in the prologue and kept in shared memory, as wgmma's A operand.
+* a producer warp (24 registers) that TMA-loads K (INT8, ``[BLOCK_N, DPAD]``) and V^T
+  (FP8, ``[DPAD, BLOCK_N]``) tiles into a ring of ``STAGES`` shared-memory slots: an
+  mbarrier per slot says "ready" (TMA byte count) and one says "empty" (both consumers
+  have finished with it);
+* two consumer warpgroups (240 registers each), 64 query rows each, that quantize their Q
+  rows to INT8 in shared memory, then per K/V block run the softmax and take turns on the
+  tensor cores: in its turn a warpgroup issues its ``P~ V`` (FP8, P~ from registers, fresh
+  fp32 tile) and the next block's ``Q K^T`` (INT8 -> int32) as async ``wgmma`` and waits for
+  them; the turn passes (an mbarrier per warpgroup) when both are done, so one
+  warpgroup's softmax runs under the other's matrix products (FlashAttention-3's
+  ping-pong).
 
-Grid, program and buffer layouts are those of the portable kernel (see attention.py and
+The softmax is written for instruction count (docs/kernel_notes.md, session 5): the two
+K scales of a block fold into the row scale (one FMA per score), row reductions are
+tree-shaped, and P~ goes to wgmma's register operand without shuffles between threads
+because V^T is stored with its keys in the matching order (``quantize_kv(...,
+wgmma_v_order=True)``; :func:`_pv_operand`).
+
+Grid, program order and buffers are those of the portable kernel (see attention.py and
 quantize.py). The Gluon API moves between Triton releases: :data:`TESTED_TRITON` lists
 the versions this file ran on; on any other, :data:`AVAILABLE` is False and the portable
 kernel runs. ``bench/compile_sm90.py`` compiles it for sm_90a on a machine without a GPU.
@@ -48,30 +55,29 @@ __all__ = ["AVAILABLE", "TESTED_TRITON", "HopperConfig", "hopper_config", "kv_de
 
 
 class HopperConfig:
-    """Tiles of the Gluon kernel: BLOCK_M query rows per CTA (64 per warpgroup),
-    BLOCK_N keys per block (the online-softmax block, as the reference's block_kv),
-    STAGES K/V slots in flight."""
+    """Tiles of the Gluon kernel: BLOCK_N keys per block (the online-softmax block, as the
+    reference's block_kv) and STAGES K/V slots in flight. A CTA always has BLOCK_M = 128
+    query rows, two consumer warpgroups of Q_ROWS = 64."""
 
-    __slots__ = ("BLOCK_M", "BLOCK_N", "STAGES", "num_warps")
+    __slots__ = ("BLOCK_N", "STAGES")
+    BLOCK_M = 128
+    Q_ROWS = 64  # rows quantized together by one warpgroup: a Q group must fit
 
-    def __init__(self, BLOCK_M: int, BLOCK_N: int, STAGES: int):
-        self.BLOCK_M, self.BLOCK_N, self.STAGES = BLOCK_M, BLOCK_N, STAGES
-        self.num_warps = 4 * (BLOCK_M // 64)
+    def __init__(self, BLOCK_N: int, STAGES: int):
+        self.BLOCK_N, self.STAGES = BLOCK_N, STAGES
 
     def __repr__(self) -> str:
-        return f"HopperConfig({self.BLOCK_M}, {self.BLOCK_N}, {self.STAGES})"
+        return f"HopperConfig({self.BLOCK_N}, {self.STAGES})"
 
 
 # (padded head dim, causal) -> tiles, measured on an H100 (bench/kernel_sweep.py sm90,
-# docs/kernel_notes.md). D=128: 64 x 128 with 3 stages (two CTAs per SM) beats 2 or 4
-# stages, 128-row tiles and BLOCK_N = 64. D=64: BLOCK_N = 64 with 4 stages is 6-8% faster
-# than the portable kernel, 64 x 128 is not. BLOCK_N is the online-softmax block, so D=64
-# calls compute the reference with block_kv = 64 (see attention.softmax_block).
+# docs/kernel_notes.md, session 5): BLOCK_N = 128 with 3 stages beats 4 stages and
+# BLOCK_N = 64 at D = 128 and D = 64, causal and not.
 _CONFIGS = {
-    (64, False): HopperConfig(64, 64, 4),
-    (64, True): HopperConfig(64, 64, 4),
-    (128, False): HopperConfig(64, 128, 3),
-    (128, True): HopperConfig(64, 128, 3),
+    (64, False): HopperConfig(128, 3),
+    (64, True): HopperConfig(128, 3),
+    (128, False): HopperConfig(128, 3),
+    (128, True): HopperConfig(128, 3),
 }
 # Smallest B * Hq * Nq * Nk for which dispatch picks this kernel: below, the extra host
 # time of its launch (TMA descriptors) is not hidden by the GPU work.
@@ -95,85 +101,260 @@ if AVAILABLE:
         return (x + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
 
     @gluon.jit
-    def _load_kv(k_desc, v_desc, k_smem, v_smem, ready, slot, block, k_row, v_row, kv_row0,
-                 BLOCK_N: gl.constexpr):
-        """TMA block ``block`` of K and V^T into ring slot ``slot``; ``ready[slot]``
-        completes when both tiles have landed."""
-        bar = ready.index(slot)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [(k_row + block * BLOCK_N).to(gl.int32), 0], bar,
-                                        k_smem.index(slot))
-        tma.async_copy_global_to_shared(v_desc, [v_row.to(gl.int32), (kv_row0 + block * BLOCK_N).to(gl.int32)],
-                                        bar, v_smem.index(slot))
+    def _row_max(x):
+        """max over axis 1 of a [M, W] tile in the wgmma accumulator layout (a thread holds
+        columns 8 i + 2 q + e for its q): over e and i inside the thread first, then over q
+        across the quad, so the dependent chain is W / 8 operations long, not W / 4."""
+        M: gl.constexpr = x.shape[0]
+        W: gl.constexpr = x.shape[1]
+        x = gl.max(gl.reshape(x, [M, W // 8, 4, 2]), axis=3)
+        return gl.max(gl.max(x, axis=1), axis=1)
 
     @gluon.jit
-    def _issue_qk(q_smem, k_smem, ready, block, s_zero, STAGES: gl.constexpr):
-        """Start ``S = Q K^T`` of ``block`` (async) once its K tile is in."""
-        slot = block % STAGES
-        mbarrier.wait(ready.index(slot), (block // STAGES) & 1)
-        return warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    def _row_sum(x):
+        """sum over axis 1, in the order of :func:`_row_max`."""
+        M: gl.constexpr = x.shape[0]
+        W: gl.constexpr = x.shape[1]
+        x = gl.sum(gl.reshape(x, [M, W // 8, 4, 2]), axis=3)
+        return gl.sum(gl.sum(x, axis=1), axis=1)
 
     @gluon.jit
-    def _attn_block(
-        j, acc, l_i, m_i, s_int, q_scale, offs_m, n_blocks, n_k, causal_offset,
-        q_smem, k_smem, v_smem, ready, k_desc, v_desc, k_row, v_row, kv_row0, ks_base,
-        s_zero, o_zero,
-        BLOCK_N: gl.constexpr, K_GROUP: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-        CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr,
-        s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-    ):
-        """One K/V block of the online softmax, from its ``s_int = Q K^T``. With
-        ISSUE_NEXT, block j + 1's ``Q K^T`` is issued first (to run under this block's
-        softmax) and returned, waited for here with this block's P~ V: a pending wgmma
-        result carried across iterations makes ptxas serialize."""
-        slot = j % STAGES
-        if ISSUE_NEXT:
-            s_tok = _issue_qk(q_smem, k_smem, ready, j + 1, s_zero, STAGES)
+    def _pv_operand(p, p_layout: gl.constexpr):
+        """P~ (fp32, wgmma accumulator layout) as FP8 in the layout of wgmma's register A
+        operand. The keys of every 32-key chunk are reordered (16 h + 8 i + 2 q + e ->
+        16 h + 4 q + 2 i + e) so that each thread already holds the values of its operand
+        registers: no shuffles between threads. V^T is stored in the same key order
+        (``quantize_kv(..., wgmma_v_order=True)``), so P~ V is unchanged."""
+        M: gl.constexpr = p.shape[0]
+        N: gl.constexpr = p.shape[1]
+        x = gl.permute(gl.reshape(p, [M, N // 32, 2, 2, 4, 2]), (0, 1, 2, 4, 3, 5))
+        x = gl.convert_layout(gl.reshape(x, [M, N]), p_layout)  # in fp32: registers renamed
+        # four fp32 -> one register of four e4m3 (round to nearest, saturating, as .to()
+        # rounds), packed as wgmma reads them
+        packed = gl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
+            "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }",
+            "=r,r,r,r,r", [x], dtype=gl.int8, is_pure=True, pack=4)
+        return packed.to(gl.float8e4nv, bitcast=True)
 
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        offs_n = j * BLOCK_N + cols
-        # K scales: one per K_GROUP tokens, so a block has one or two (scalar loads; a
-        # per-column vector would take 32 registers per thread)
-        if K_GROUP >= BLOCK_N:  # one K scale: folded into the row scale (no multiply per score)
-            row_scale = q_scale * gl.load(ks_base + j * BLOCK_N)
-            t = _i32_to_f32(s_int)
-        else:
-            k_scale = gl.where(cols < K_GROUP, gl.load(ks_base + j * BLOCK_N), gl.load(ks_base + j * BLOCK_N + K_GROUP))
-            row_scale = q_scale
-            t = _i32_to_f32(s_int) * k_scale[None, :]
+    @gluon.jit
+    def _softmax(s_int, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
+                 BLOCK_N: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr, P_SHIFT: gl.constexpr,
+                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Online softmax of block j from ``s_int = Q K^T`` and the K scales of its two
+        halves: P~ in FP8 (wgmma's register operand), the factor that rescales the
+        accumulator, the new row max and row sum."""
+        # the halves are scaled separately so that each K scale folds into the row scale:
+        # one FMA per score (a K group covers at least half a block; dispatch checks)
+        M: gl.constexpr = s_int.shape[0]
+        HALF: gl.constexpr = BLOCK_N // 2
+        t0, t1 = gl.split(gl.permute(gl.reshape(_i32_to_f32(s_int), [M, 2, HALF]), (0, 2, 1)))
+        half_layout: gl.constexpr = t0.type.layout
+        rows: gl.constexpr = gl.SliceLayout(1, half_layout)
+        sc0 = gl.convert_layout(q_scale, rows) * ks0
+        sc1 = gl.convert_layout(q_scale, rows) * ks1
+        m_i = gl.convert_layout(m_i, rows)
         if MASKED:
-            s = t * row_scale[:, None]
-            keep = (offs_n < n_k)[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-            s = gl.where(keep, s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            cols = j * BLOCK_N + gl.arange(0, HALF, layout=gl.SliceLayout(0, half_layout))
+            keep0 = (cols < n_k)[None, :]
+            keep1 = (cols + HALF < n_k)[None, :]
+            if CAUSAL:  # key c is kept for row i iff c <= i + causal_offset
+                last_key = gl.convert_layout(offs_m, rows)[:, None] + causal_offset
+                keep0 = keep0 & (cols[None, :] <= last_key)
+                keep1 = keep1 & (cols[None, :] + HALF <= last_key)
+            s0 = gl.where(keep0, t0 * sc0[:, None], float("-inf"))
+            s1 = gl.where(keep1, t1 * sc1[:, None], float("-inf"))
+            m_new = gl.maximum(m_i, gl.convert_layout(_row_max(gl.maximum(s0, s1)), rows))
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            p = gl.exp2(s - (m_use - P_SHIFT)[:, None])
+            p0 = gl.exp2(s0 - (m_use - P_SHIFT)[:, None])
+            p1 = gl.exp2(s1 - (m_use - P_SHIFT)[:, None])
         else:
-            # row_scale >= 0, so max_j S = row_scale * max_j t: one FMA per score below
-            m_new = gl.maximum(m_i, gl.max(t, axis=1) * row_scale)
+            # scales >= 0, so max_c S = scale * max_c t
+            m_new = gl.maximum(m_i, gl.maximum(gl.convert_layout(_row_max(t0), rows) * sc0,
+                                               gl.convert_layout(_row_max(t1), rows) * sc1))
             m_use = m_new
-            p = gl.exp2(t * row_scale[:, None] - (m_use - P_SHIFT)[:, None])
+            p0 = gl.exp2(t0 * sc0[:, None] - (m_use - P_SHIFT)[:, None])
+            p1 = gl.exp2(t1 * sc1[:, None] - (m_use - P_SHIFT)[:, None])
         alpha = gl.exp2(m_i - m_use)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
+        l_i = gl.convert_layout(l_i, rows) * alpha + gl.convert_layout(_row_sum(p0 + p1), rows)
+        p8 = _pv_operand(gl.reshape(gl.permute(gl.join(p0, p1), (0, 2, 1)), [M, BLOCK_N]), p_layout)
+        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+        return (p8, gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), gl.convert_layout(m_new, s_rows),
+                gl.convert_layout(l_i, s_rows))
 
-        # P~ V in a fresh fp32 buffer (two-level accumulation)
-        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
-        pv_tok = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
-        alpha = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-        if ISSUE_NEXT:
-            s_next, pv = warpgroup_mma_wait(0, deps=(s_tok, pv_tok))
+    @gluon.jit
+    def _mma_turn(q_smem, k_smem, v_smem, ready, turns, turn, p8, pv_block, s_zero, o_zero,
+                  CONSUMER: gl.constexpr, STAGES: gl.constexpr, ISSUE_QK: gl.constexpr, ISSUE_PV: gl.constexpr):
+        """This warpgroup's turn number ``turn`` on the tensor cores: issue block
+        ``pv_block``'s P~ V and (ISSUE_QK) block ``turn``'s Q K^T, wait for both, then pass
+        the turn. Handing over only when both are done keeps the two warpgroups' products
+        from sharing the tensor cores, so each one's softmax runs under the other's
+        (passing it at issue measured 6% slower, docs/kernel_notes.md)."""
+        # consumer 0 takes turns 0, 1, ... each after consumer 1's previous one; its first
+        # wait passes on a fresh barrier (phase parity 1 counts as complete)
+        mbarrier.wait(turns.index(CONSUMER), (turn & 1) ^ (1 - CONSUMER))
+        if ISSUE_QK:
+            slot = turn % STAGES
+            mbarrier.wait(ready.index(slot), (turn // STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if ISSUE_PV:
+            pv_tok = warpgroup_mma(p8, v_smem.index(pv_block % STAGES).permute((1, 0)), o_zero, use_acc=False,
+                                   is_async=True)
+        if ISSUE_QK and ISSUE_PV:
+            s_int, pv = warpgroup_mma_wait(0, deps=(s_tok, pv_tok))
+        elif ISSUE_QK:
+            s_int = warpgroup_mma_wait(0, deps=(s_tok, ))
+            pv = o_zero
         else:
-            s_next = s_int
             pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
-        acc = acc * alpha[:, None] + pv  # one FMA per element
+            s_int = s_zero
+        mbarrier.arrive(turns.index(1 - CONSUMER), count=1)
+        return s_int, pv
 
-        # every warp is past its reads of this slot: refill it, STAGES blocks ahead
-        if j + STAGES < n_blocks:
-            gl.thread_barrier()
-            _load_kv(k_desc, v_desc, k_smem, v_smem, ready, slot, j + STAGES, k_row, v_row, kv_row0, BLOCK_N)
-        return acc, l_i, m_new, s_next
+    @gluon.jit
+    def _block(j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, ks_base, n_k, causal_offset,
+               q_smem, k_smem, v_smem, ready, empty, turns, s_zero, o_zero,
+               CONSUMER: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
+               CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr,
+               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Block j: softmax of its scores ``s_int`` (K scales ``ks0``, ``ks1``), then turn
+        j + 1 (its P~ V and, with ISSUE_NEXT, block j + 1's Q K^T, whose scores and K scales
+        are returned), then the accumulator update and the release of its K/V slot.
+        P~ is consumed in the iteration that makes it: carried across iterations, its FP8
+        bytes were unpacked and repacked (~200 instructions per block)."""
+        p8, alpha, m_i, l_i = _softmax(s_int, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
+                                       BLOCK_N, MASKED, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
+        if ISSUE_NEXT:  # loaded here, used next iteration: the load latency is off the critical path
+            ks0 = gl.load(ks_base + (j + 1) * BLOCK_N)
+            ks1 = gl.load(ks_base + (j + 1) * BLOCK_N + BLOCK_N // 2)
+        s_int, pv = _mma_turn(q_smem, k_smem, v_smem, ready, turns, j + 1, p8, j, s_zero, o_zero,
+                              CONSUMER, STAGES, ISSUE_NEXT, True)
+        acc = acc * alpha[:, None] + pv  # one FMA per element (two-level accumulation)
+        mbarrier.arrive(empty.index(j % STAGES), count=1)
+        return s_int, ks0, ks1, acc, m_i, l_i
+
+    @gluon.jit
+    def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, n_blocks, k_row, v_row, kv_row0,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: TMA every K/V block of the CTA into the ring, into a slot as soon as
+        both consumers have released it (``empty`` completes on two arrivals)."""
+        for j in range(n_blocks):
+            slot = j % STAGES
+            # a fresh mbarrier counts as having completed the phase before phase 0
+            mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
+            bar = ready.index(slot)
+            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [(k_row + j * BLOCK_N).to(gl.int32), 0], bar, k_smem.index(slot))
+            tma.async_copy_global_to_shared(v_desc, [v_row.to(gl.int32), (kv_row0 + j * BLOCK_N).to(gl.int32)],
+                                            bar, v_smem.index(slot))
+
+    @gluon.jit
+    def _consumer(
+        CONSUMER: gl.constexpr, Q, stride_qn, stride_qd, O, stride_on, stride_od, LSE, Stats,
+        q_smem, k_smem, v_smem, ready, empty, turns,
+        score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked, ks_base,
+        N_Q, N_K, STATS_STRIDE, causal_offset,
+        HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
+        STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
+        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr,
+    ):
+        """Consumer warpgroup CONSUMER: the 64 query rows from ``start_m``, over all
+        ``n_blocks`` K/V blocks of the CTA (``[0, lo_masked)`` need no mask). Q and O point
+        at this (batch, head)."""
+        ROWS: gl.constexpr = 64
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, DPAD, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[256 // DPAD, DPAD // 8],
+                                                   warps_per_cta=[4, 1], order=[1, 0])
+        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
+        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
+        q_smem = q_smem.index(CONSUMER)
+
+        # -- prologue: Q (any strides) -> INT8 with one scale per Q_GROUP rows --
+        offs_m_io = start_m + gl.arange(0, ROWS, layout=io_rows)
+        offs_d_io = gl.arange(0, DPAD, layout=io_cols)
+        io_mask = (offs_m_io < N_Q)[:, None] & (offs_d_io < HEAD_DIM)[None, :]
+        q = gl.load(Q + offs_m_io[:, None] * stride_qn + offs_d_io[None, :] * stride_qd, mask=io_mask,
+                    other=0.0).to(gl.float32)
+        q_amax = gl.max(gl.abs(q), axis=1)
+        if Q_GROUP > 1:
+            grouped = gl.reshape(q_amax, [ROWS // Q_GROUP, Q_GROUP])
+            group_max = gl.max(grouped, axis=1)
+            grouped = gl.expand_dims(group_max, 1) + gl.zeros_like(grouped)
+            q_amax = gl.convert_layout(gl.reshape(grouped, [ROWS]), io_rows)
+        has_scale = q_amax > 0
+        one = gl.full([ROWS], 1.0, gl.float32, io_rows)
+        q_inv = gl.where(has_scale, gl.div_rn(one, gl.where(has_scale, q_amax, 1.0)) * 127.0, 0.0)
+        q_i8 = gl.floor(q * q_inv[:, None] + 0.5).to(gl.int8)
+        q_scale = gl.convert_layout(gl.div_rn(q_amax, one * 127.0) * score_scale, s_rows)
+        q_smem.store(q_i8)
+        fence_async_shared()
+        gl.thread_barrier()  # all of this warpgroup's Q rows are in shared memory
+        if RETURN_LSE and SMOOTH_K:  # the shift that K smoothing removed from every score
+            k_mean = gl.load(Stats + bh_kv * DPAD + offs_d_io)
+            lse_shift = gl.convert_layout(gl.sum(q * k_mean[None, :], axis=1) * sm_scale, s_rows)
+
+        # -- main loop: turn 0 is block 0's Q K^T; iteration j is block j's softmax and
+        # turn j + 1 (last: P~ V only); unmasked blocks, masked blocks and the last block
+        # are separate code paths --
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, s_rows)
+        l_i = gl.zeros([ROWS], gl.float32, s_rows)
+        acc = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.int32, s_layout)
+        o_zero = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
+        offs_m = start_m + gl.arange(0, ROWS, layout=s_rows)
+        if n_blocks > 0:
+            s_int, pv = _mma_turn(q_smem, k_smem, v_smem, ready, turns, 0,
+                                  gl.zeros([ROWS, BLOCK_N], gl.float8e4nv, p_layout), 0, s_zero, o_zero,
+                                  CONSUMER, STAGES, True, False)
+            ks0 = gl.load(ks_base)
+            ks1 = gl.load(ks_base + BLOCK_N // 2)
+            last = n_blocks - 1
+            for j in range(0, gl.minimum(lo_masked, last)):
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, ks_base, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ready, empty, turns, s_zero, o_zero,
+                    CONSUMER, BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
+            for j in range(lo_masked, last):
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, ks_base, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ready, empty, turns, s_zero, o_zero,
+                    CONSUMER, BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
+            if last >= lo_masked:
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, ks_base, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ready, empty, turns, s_zero, o_zero,
+                    CONSUMER, BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
+            else:
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, ks_base, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ready, empty, turns, s_zero, o_zero,
+                    CONSUMER, BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
+
+        # -- epilogue: acc / l, undo the V scales; rows with no key give 0 --
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        offs_d = gl.arange(0, DPAD, layout=gl.SliceLayout(0, o_layout))
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        out = acc / gl.convert_layout(l_safe, o_rows)[:, None]  # both carry 448: it cancels
+        v_scale = gl.load(Stats + STATS_STRIDE + bh_kv * DPAD + offs_d)  # amax / 448
+        out = out * v_scale[None, :]
+        if SMOOTH_V:
+            v_mean = gl.load(Stats + 2 * STATS_STRIDE + bh_kv * DPAD + offs_d)
+            out = out + v_mean[None, :]
+        out = gl.where(gl.convert_layout(empty_row, o_rows)[:, None], 0.0, out)
+        out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
+        gl.store(O + offs_m_io[:, None] * stride_on + offs_d_io[None, :] * stride_od, out, mask=io_mask)
+        if RETURN_LSE:
+            lse = (m_i + (gl.log2(l_safe) - P_SHIFT)) * 0.6931471805599453
+            if SMOOTH_K:
+                lse = lse + lse_shift
+            lse = gl.where(empty_row, float("-inf"), lse)
+            gl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
     @gluon.jit
     def _sage_fwd_sm90(
@@ -183,24 +364,12 @@ if AVAILABLE:
         LSE,
         score_scale, sm_scale,
         H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, STATS_STRIDE, causal_offset,
-        HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        Q_GROUP: gl.constexpr, K_GROUP: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-        SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr, RETURN_LSE: gl.constexpr,
-        P_SHIFT: gl.constexpr, num_warps: gl.constexpr,
+        HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
+        STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
+        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
-        # -- layouts: wgmma accumulators (one warpgroup per 64 rows), P~ as wgmma's
-        # register A operand, and a coalesced layout for Q/O in global memory --
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK_N, 32])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, DPAD, 32])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-        io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[256 // DPAD, DPAD // 8],
-                                                   warps_per_cta=[num_warps, 1], order=[1, 0])
-        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
-        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
-
+        gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
+        BLOCK_M: gl.constexpr = 128
         pid_m = gl.program_id(0)
         if CAUSAL:  # the longest rows (most K/V blocks) first: a shorter tail
             pid_m = gl.num_programs(0) - 1 - pid_m
@@ -211,7 +380,8 @@ if AVAILABLE:
         h_kv = h // KV_GROUP
         start_m = pid_m * BLOCK_M
 
-        # -- K/V blocks: [0, lo_masked) need no mask, [lo_masked, n_blocks) are masked --
+        # K/V blocks [0, lo_masked) need no mask for any row of the CTA; both consumers
+        # run all n_blocks (they must take the same number of turns)
         kv_row0 = b * N_K_PAD
         k_row = h_kv * ROWS + kv_row0  # this sequence's first token in the 2-D descriptors
         v_row = h_kv * DPAD
@@ -224,98 +394,35 @@ if AVAILABLE:
             lo_masked = n_full
         n_blocks = gl.cdiv(hi, BLOCK_N)
 
-        # -- K/V ring; the first STAGES blocks go out before Q is even read --
         k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, DPAD], k_desc.layout)
         v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, DPAD, BLOCK_N], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(gl.int8, [2, 64, DPAD], k_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            if i < n_blocks:
-                _load_kv(k_desc, v_desc, k_smem, v_smem, ready, i, i, k_row, v_row, kv_row0, BLOCK_N)
+            mbarrier.init(empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(turns.index(i), count=1)
 
-        # -- prologue: Q (any strides) -> INT8 with one scale per Q_GROUP rows --
-        offs_m_io = start_m + gl.arange(0, BLOCK_M, layout=io_rows)
-        offs_d_io = gl.arange(0, DPAD, layout=io_cols)
-        io_mask = (offs_m_io < N_Q)[:, None] & (offs_d_io < HEAD_DIM)[None, :]
         q_base = Q + b * stride_qb + h * stride_qh
-        q = gl.load(q_base + offs_m_io[:, None] * stride_qn + offs_d_io[None, :] * stride_qd, mask=io_mask,
-                    other=0.0).to(gl.float32)
-        q_amax = gl.max(gl.abs(q), axis=1)
-        if Q_GROUP > 1:
-            grouped = gl.reshape(q_amax, [BLOCK_M // Q_GROUP, Q_GROUP])
-            group_max = gl.max(grouped, axis=1)
-            grouped = gl.expand_dims(group_max, 1) + gl.zeros_like(grouped)
-            q_amax = gl.convert_layout(gl.reshape(grouped, [BLOCK_M]), io_rows)
-        has_scale = q_amax > 0
-        one = gl.full([BLOCK_M], 1.0, gl.float32, io_rows)
-        q_inv = gl.where(has_scale, gl.div_rn(one, gl.where(has_scale, q_amax, 1.0)) * 127.0, 0.0)
-        q_i8 = gl.floor(q * q_inv[:, None] + 0.5).to(gl.int8)
-        q_scale = gl.convert_layout(gl.div_rn(q_amax, one * 127.0) * score_scale, s_rows)
-        q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, DPAD], k_desc.layout)
-        q_smem.store(q_i8)
-        fence_async_shared()
-        gl.thread_barrier()  # all of Q is in shared memory before any warpgroup reads it
-        if RETURN_LSE and SMOOTH_K:  # the shift that K smoothing removed from every score
-            k_mean = gl.load(Stats + bh_kv * DPAD + offs_d_io)
-            lse_shift = gl.convert_layout(gl.sum(q * k_mean[None, :], axis=1) * sm_scale, s_rows)
-
-        # -- main loop --
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
-        l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
-        acc = gl.zeros([BLOCK_M, DPAD], gl.float32, o_layout)
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
-        o_zero = gl.zeros([BLOCK_M, DPAD], gl.float32, o_layout)
-        offs_m = start_m + gl.arange(0, BLOCK_M, layout=s_rows)
-        ks_base = K_scale + h_kv * ROWS + kv_row0
-        if n_blocks > 0:
-            # blocks [0, last) issue their successor's Q K^T; the last block issues none
-            last = n_blocks - 1
-            s_int = warpgroup_mma_wait(0, deps=(_issue_qk(q_smem, k_smem, ready, 0, s_zero, STAGES), ))
-            for j in range(0, gl.minimum(lo_masked, last)):
-                acc, l_i, m_i, s_int = _attn_block(
-                    j, acc, l_i, m_i, s_int, q_scale, offs_m, n_blocks, N_K, causal_offset,
-                    q_smem, k_smem, v_smem, ready, k_desc, v_desc, k_row, v_row, kv_row0, ks_base,
-                    s_zero, o_zero, BLOCK_N, K_GROUP, STAGES, False, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
-            for j in range(lo_masked, last):
-                acc, l_i, m_i, s_int = _attn_block(
-                    j, acc, l_i, m_i, s_int, q_scale, offs_m, n_blocks, N_K, causal_offset,
-                    q_smem, k_smem, v_smem, ready, k_desc, v_desc, k_row, v_row, kv_row0, ks_base,
-                    s_zero, o_zero, BLOCK_N, K_GROUP, STAGES, True, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
-            if last >= lo_masked:
-                acc, l_i, m_i, s_int = _attn_block(
-                    last, acc, l_i, m_i, s_int, q_scale, offs_m, n_blocks, N_K, causal_offset,
-                    q_smem, k_smem, v_smem, ready, k_desc, v_desc, k_row, v_row, kv_row0, ks_base,
-                    s_zero, o_zero, BLOCK_N, K_GROUP, STAGES, True, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
-            else:
-                acc, l_i, m_i, s_int = _attn_block(
-                    last, acc, l_i, m_i, s_int, q_scale, offs_m, n_blocks, N_K, causal_offset,
-                    q_smem, k_smem, v_smem, ready, k_desc, v_desc, k_row, v_row, kv_row0, ks_base,
-                    s_zero, o_zero, BLOCK_N, K_GROUP, STAGES, False, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(i))
-
-        # -- epilogue: acc / l, undo the V scales; rows with no key give 0 --
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        offs_d = gl.arange(0, DPAD, layout=gl.SliceLayout(0, o_layout))
-        empty = l_i == 0.0
-        l_safe = gl.where(empty, 1.0, l_i)
-        out = acc / gl.convert_layout(l_safe, o_rows)[:, None]  # both carry 448: it cancels
-        v_scale = gl.load(Stats + STATS_STRIDE + bh_kv * DPAD + offs_d)  # amax / 448
-        out = out * v_scale[None, :]
-        if SMOOTH_V:
-            v_mean = gl.load(Stats + 2 * STATS_STRIDE + bh_kv * DPAD + offs_d)
-            out = out + v_mean[None, :]
-        out = gl.where(gl.convert_layout(empty, o_rows)[:, None], 0.0, out)
-        out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
         o_base = O + b * stride_ob + h * stride_oh
-        gl.store(o_base + offs_m_io[:, None] * stride_on + offs_d_io[None, :] * stride_od, out, mask=io_mask)
-        if RETURN_LSE:
-            lse = (m_i + (gl.log2(l_safe) - P_SHIFT)) * 0.6931471805599453
-            if SMOOTH_K:
-                lse = lse + lse_shift
-            lse = gl.where(empty, float("-inf"), lse)
-            gl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
+        ks_base = K_scale + h_kv * ROWS + kv_row0
+        gl.warp_specialize([
+            (_consumer, (0, q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
+                         q_smem, k_smem, v_smem, ready, empty, turns,
+                         score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked, ks_base,
+                         N_Q, N_K, STATS_STRIDE, causal_offset,
+                         HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
+            (_consumer, (1, q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
+                         q_smem, k_smem, v_smem, ready, empty, turns,
+                         score_scale, sm_scale, bh, bh_kv, start_m + 64, n_blocks, lo_masked, ks_base,
+                         N_Q, N_K, STATS_STRIDE, causal_offset,
+                         HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, n_blocks, k_row, v_row, kv_row0,
+                         BLOCK_N, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def kv_descriptors(kv, block_n: int):
@@ -331,19 +438,24 @@ def kv_descriptors(kv, block_n: int):
 
 def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig, *, score_scale, sm_scale,
            batch, hq, hkv, nq, nk, head_dim, causal_offset, p_shift):
-    """Launch the Gluon kernel on a dense batch (the caller checked that it applies)."""
+    """Launch the Gluon kernel on a dense batch (the caller checked that it applies; ``kv``
+    comes from ``quantize_kv(..., wgmma_v_order=True)``)."""
+    if not kv.wgmma_v_order:
+        raise ValueError("attention_sm90.launch: kv must be quantized with wgmma_v_order=True")
     dpad = kv.k_q.shape[-1]
     rows = kv.k_q.shape[1]
     k_desc, v_desc = kv_descriptors(kv, tiles.BLOCK_N)
     causal = causal_offset is not None
     grid = (triton.cdiv(nq, tiles.BLOCK_M), batch * hq)
+    # 4 + 4 + 1 (padded to 4) warps at 168 registers fill the SM's 64K; setmaxnreg then
+    # moves them to 240 per consumer thread and 24 per producer thread
     _sage_fwd_sm90[grid](
         q, *q_strides, k_desc, v_desc, kv.k_scale, kv.stats,
         out, *out_strides,
         lse if lse is not None else out,
         score_scale, sm_scale,
         hq, hq // hkv, nq, nk, rows // batch, rows, batch * hkv * dpad, int(causal_offset) if causal else 0,
-        HEAD_DIM=head_dim, DPAD=dpad, BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_GROUP=config.q_group, K_GROUP=config.k_group,
-        STAGES=tiles.STAGES, CAUSAL=causal, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v,
-        RETURN_LSE=lse is not None, P_SHIFT=p_shift, num_warps=tiles.num_warps,
+        HEAD_DIM=head_dim, DPAD=dpad, BLOCK_N=tiles.BLOCK_N, Q_GROUP=config.q_group, STAGES=tiles.STAGES,
+        CAUSAL=causal, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, RETURN_LSE=lse is not None,
+        P_SHIFT=p_shift, CONSUMER_REGS=240, num_warps=4, maxnreg=168,
     )

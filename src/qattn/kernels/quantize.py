@@ -28,7 +28,11 @@ attention kernel loads K/V with no masks:
   ``stats[1]`` the FP8 V scale ``amax_over_tokens / 448``, ``stats[2]`` the V mean; per
   sequence, so a varlen batch is smoothed sequence by sequence.
 * ``v_q``: FP8 E4M3 stored transposed [Hkv, dpad, rows] (tokens contiguous: the K-major
-  operand that Hopper's FP8 wgmma needs), or fp16 [Hkv, rows, dpad].
+  operand that Hopper's FP8 wgmma needs), or fp16 [Hkv, rows, dpad]. With
+  ``wgmma_v_order`` (for the Gluon sm_90 kernel) the tokens of every 32-token chunk are
+  stored reordered, token ``16 h + 8 i + 2 q + e`` at column ``16 h + 4 q + 2 i + e``: the
+  order in which a thread holds P~ as wgmma's FP8 register operand
+  (``attention_sm90._pv_operand``).
 
 Numerics follow ``qattn.reference`` (see its module docstring).
 """
@@ -236,7 +240,7 @@ def _quantize_kv_kernel(
     H_KV, N, N_PAD, ROWS, CHUNK, N_CHUNKS, STATS_STRIDE,
     HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
     K_GROUP: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr,
-    V_FP8: tl.constexpr, VARLEN: tl.constexpr, EXACT_FP8: tl.constexpr,
+    V_FP8: tl.constexpr, VARLEN: tl.constexpr, EXACT_FP8: tl.constexpr, WGMMA_V_ORDER: tl.constexpr,
 ):
     """Pass 2, program (chunk, bh, 0 for K / 1 for V): finish the statistics from the
     partials, then quantize the chunk's tokens (and the zero padding up to the sequence's
@@ -309,6 +313,9 @@ def _quantize_kv_kernel(
                 # Transposed [DPAD, ROWS]: tokens contiguous (K-major for FP8 wgmma). Padded
                 # channels are not stored: the host zeroes them (on an H100 this store left
                 # nonzero bytes there; docs/kernel_notes.md, "Known defect").
+                if WGMMA_V_ORDER:  # reorder the tile's tokens, then store it as usual
+                    y = tl.reshape(tl.permute(tl.reshape(y, [BLOCK_T // 32, 2, 2, 4, 2, DPAD]), (0, 1, 3, 2, 4, 5)),
+                                   [BLOCK_T, DPAD])
                 tl.store(v_out + offs_d[None, :] * ROWS + t[:, None], y.to(tl.float8e4nv),
                          mask=in_buf[:, None] & d_ok[None, :])
             else:
@@ -326,6 +333,7 @@ class QuantizedKV(NamedTuple):
     k_scale: torch.Tensor  # fp32 [Hkv, rows]
     v_q: torch.Tensor  # fp8 [Hkv, dpad, rows] or fp16 [Hkv, rows, dpad]
     stats: torch.Tensor  # fp32 [3, B, Hkv, dpad]: k_mean, v_scale (amax / 448), v_mean
+    wgmma_v_order: bool = False  # v_q's tokens reordered within 32-token chunks (see above)
 
     @property
     def k_mean(self) -> torch.Tensor:
@@ -341,7 +349,8 @@ class QuantizedKV(NamedTuple):
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views of a dense batch's buffers per batch entry: k_q [B, Hkv, nk_pad, dpad],
-        k_scale [B, Hkv, nk_pad], v_q [B, Hkv, dpad, nk_pad] (FP8) or [B, Hkv, nk_pad, dpad]."""
+        k_scale [B, Hkv, nk_pad], v_q [B, Hkv, dpad, nk_pad] (FP8) or [B, Hkv, nk_pad, dpad]
+        (in ``wgmma_v_order`` when that is set)."""
         heads, rows, dpad = self.k_q.shape
         batch = self.stats.shape[1]
         nk_pad = rows // batch
@@ -361,6 +370,7 @@ def quantize_kv(
     *,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    wgmma_v_order: bool = False,
 ) -> QuantizedKV:
     """Quantize K (and V for FP8, or convert it to fp16) as ``config`` says, in two
     launches (statistics, then quantization); no host synchronization.
@@ -369,6 +379,7 @@ def quantize_kv(
     Nk >= 1. Varlen: ``k`` and ``v`` are packed [total, Hkv, D] (any strides),
     ``cu_seqlens`` int32/int64 [B + 1] on their device, ``max_seqlen`` >= every length.
     Entries of ``stats`` that the config does not use are left unwritten.
+    ``wgmma_v_order``: store FP8 V^T in the Gluon sm_90 kernel's token order (dense only).
     """
     varlen = cu_seqlens is not None
     if varlen:
@@ -386,6 +397,8 @@ def quantize_kv(
     dpad = padded_head_dim(head_dim)
     nk_pad = padded_kv_len(nk)
     v_fp8 = config.pv_dtype is PVDtype.FP8
+    if wgmma_v_order and (varlen or not v_fp8):
+        raise ValueError("quantize_kv: wgmma_v_order applies to dense batches with FP8 V only")
     device = k.device
 
     k_q = torch.empty((heads, rows, dpad), dtype=torch.int8, device=device)
@@ -416,6 +429,6 @@ def quantize_kv(
     _quantize_kv_kernel[grid](
         *args, k_q, k_scale, v_q, stats, partials,
         heads, nk, nk_pad, rows, chunk, n_chunks, batch * heads * dpad,
-        K_GROUP=config.k_group, EXACT_FP8=interpreting(), **meta,
+        K_GROUP=config.k_group, EXACT_FP8=interpreting(), WGMMA_V_ORDER=wgmma_v_order, **meta,
     )
-    return QuantizedKV(k_q, k_scale, v_q, stats)
+    return QuantizedKV(k_q, k_scale, v_q, stats, wgmma_v_order)
