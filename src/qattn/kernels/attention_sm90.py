@@ -151,8 +151,9 @@ if AVAILABLE:
         t0, t1 = gl.split(gl.permute(gl.reshape(_i32_to_f32(s_int), [M, 2, HALF]), (0, 2, 1)))
         half_layout: gl.constexpr = t0.type.layout
         rows: gl.constexpr = gl.SliceLayout(1, half_layout)
-        sc0 = gl.convert_layout(q_scale, rows) * ks0
-        sc1 = gl.convert_layout(q_scale, rows) * ks1
+        q_scale = gl.convert_layout(q_scale, rows)
+        sc0 = q_scale * ks0
+        sc1 = q_scale * ks1
         m_i = gl.convert_layout(m_i, rows)
         if MASKED:
             cols = j * BLOCK_N + gl.arange(0, HALF, layout=gl.SliceLayout(0, half_layout))
