@@ -59,7 +59,7 @@ def info():
             for causal in (False, True):
                 run_qattn(q, k, v, preset, causal)()
     torch.cuda.synchronize()
-    for jit_fn in (attn._attn_fwd_kernel, attn.quantize_kv.__globals__["_quantize_kv_kernel"]):
+    for jit_fn in (attn._attn_fwd_kernel, attn.quantize_kv.__globals__["_prepare_kv_kernel"]):
         caches = getattr(jit_fn, "device_caches", {})
         for dev_cache in caches.values():
             kernel_cache = dev_cache[0] if isinstance(dev_cache, tuple) else dev_cache
