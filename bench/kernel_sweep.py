@@ -6,6 +6,7 @@
     PYTHONPATH=src python3 bench/kernel_sweep.py tma     # TMA descriptor loads vs pointer loads
     PYTHONPATH=src python3 bench/kernel_sweep.py sm90checks  # Gluon sm_90 kernel vs portable and fp32
     PYTHONPATH=src python3 bench/kernel_sweep.py sm90    # Gluon sm_90 kernel: tiles, vs portable, SDPA
+    PYTHONPATH=src python3 bench/kernel_sweep.py quant   # K/V quantization launch variants
 
 Whole call timed (K/V quantization launch included), triton.testing.do_bench median.
 TOPS = 4 * B * H * N^2 * D / time, halved for causal.
@@ -59,7 +60,7 @@ def info():
             for causal in (False, True):
                 run_qattn(q, k, v, preset, causal)()
     torch.cuda.synchronize()
-    for jit_fn in (attn._attn_fwd_kernel, attn.quantize_kv.__globals__["_prepare_kv_kernel"]):
+    for jit_fn in (attn._attn_fwd_kernel, attn.quantize_kv.__globals__["_quantize_kv_kernel"]):
         caches = getattr(jit_fn, "device_caches", {})
         for dev_cache in caches.values():
             kernel_cache = dev_cache[0] if isinstance(dev_cache, tuple) else dev_cache
@@ -76,8 +77,6 @@ def info():
 
 
 def sweep():
-    from qattn.kernels import quantize as quant_mod
-
     results = []
     BC = attn.BlockConfig
     plan = {
@@ -85,7 +84,6 @@ def sweep():
         (128, "sage1"): [BC(64, 128, 4, 3), BC(128, 128, 8, 3)],
         (128, "sage2-8b"): [BC(64, 128, 4, 4), BC(64, 128, 4, 3)],
     }
-    quant_plan = {128: ((128, 8), (256, 8), (256, 16), (128, 16), (128, 4)), 64: ((128, 4), (256, 8), (256, 4))}
     for (d, preset), cands in plan.items():
         q, k, v = inputs(4096, d)
         for causal in (False, True):
@@ -104,20 +102,6 @@ def sweep():
                 results.append(row)
                 print(json.dumps(row), flush=True)
         attn._BLOCK_OVERRIDE = None
-        if preset == "sage2-8b":
-            for n in (1024, 4096):
-                kq, vq = inputs(n, d)[:2]
-                for qo in quant_plan[d]:
-                    quant_mod._QUANT_OVERRIDE = qo
-                    try:
-                        ms = bench(lambda: quantize_kv(kq, vq, PRESETS[preset]))
-                        row = dict(d=d, n=n, quant=qo, ms=round(ms, 4),
-                                   gbps=round(kq.numel() * 2 * (2 * 2 + 1) / ms / 1e6))
-                    except Exception as err:  # noqa: BLE001
-                        row = dict(d=d, n=n, quant=qo, error=repr(err)[:300])
-                    results.append(row)
-                    print(json.dumps(row), flush=True)
-            quant_mod._QUANT_OVERRIDE = None
     return results
 
 
@@ -381,6 +365,46 @@ def sm90():
     return rows
 
 
+def quant():
+    """K/V quantization (two launches) alone over (BLOCK_T, warps), each checked against the
+    default's output (K mean and V scale to 1e-5, INT8 K within 1, FP8 V bytes differing
+    on < 0.1%). GB/s counts the bytes one pass would move (K and V read once,
+    INT8/FP8 written); the two launches read K and V twice."""
+    from qattn.kernels import quantize as quant_mod
+
+    cfg = PRESETS["sage2-8b"]
+    shapes = [(4, 1024, 128), (4, 4096, 128), (1, 16384, 128), (1, 32768, 128), (4, 1024, 64), (4, 4096, 64)]
+    tiles = {128: [(128, 4), (64, 4), (128, 8)], 64: [(256, 8), (128, 4), (64, 4)]}
+    rows = []
+    print("| B | N | D | BLOCK_T, warps | us | GB/s | max dK_q | V_q bytes differing |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for b, n, d in shapes:
+        g = torch.Generator(device="cuda").manual_seed(1)
+        k = torch.randn(b, H, n, d, device="cuda", dtype=torch.bfloat16, generator=g) + 3.0  # a channel bias
+        v = torch.randn(b, H, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        ref = quantize_kv(k, v, cfg, wgmma_v_order=True)
+        moved = k.numel() * (2 + 2 + 1 + 1)
+        for variant in tiles[d]:
+            quant_mod._QUANT_OVERRIDE = variant
+            row = dict(b=b, n=n, d=d, variant=variant)
+            try:
+                got = quantize_kv(k, v, cfg, wgmma_v_order=True)
+                row["us"] = 1e3 * bench(lambda: quantize_kv(k, v, cfg, wgmma_v_order=True))
+                row["gbps"] = moved / row["us"] / 1e3
+                row["stats_err"] = (got.stats[:2] - ref.stats[:2]).abs().max().item()  # K mean, V scale
+                row["k_q_err"] = (got.k_q.float() - ref.k_q.float()).abs().max().item()
+                row["v_mismatch"] = (got.v_q.view(torch.uint8) != ref.v_q.view(torch.uint8)).float().mean().item()
+                row["ok"] = row["stats_err"] < 1e-5 and row["k_q_err"] <= 1 and row["v_mismatch"] < 1e-3
+                print(f"| {b} | {n} | {d} | {variant} | {row['us']:.0f} | {row['gbps']:.0f} | {row['k_q_err']:.0f} | "
+                      f"{row['v_mismatch']:.1e}{'' if row['ok'] else ' MISMATCH'} |", flush=True)
+            except Exception as err:  # noqa: BLE001
+                row["error"] = repr(err)[:300]
+                print(row, flush=True)
+            rows.append(row)
+        quant_mod._QUANT_OVERRIDE = None
+    return rows
+
+
 if __name__ == "__main__":
     out_dir = os.environ.get("OUT", ".")
     what = sys.argv[1:] or ["table"]
@@ -388,6 +412,6 @@ if __name__ == "__main__":
     for w in what:
         all_results[w] = {"sweep": sweep, "table": table, "info": info, "masks": masks, "tma": tma,
                           "sm90": sm90, "sm90checks": sm90_checks,
-                          "sm90host": sm90_host}[w]()
+                          "sm90host": sm90_host, "quant": quant}[w]()
     with open(os.path.join(out_dir, f"kernel_{'_'.join(what)}.json"), "w") as f:
         json.dump(all_results, f, indent=1)

@@ -31,6 +31,7 @@ import torch
 from qattn import metrics, reference
 from qattn.kernels import attention as attn_module
 from qattn.kernels import attention_sm90
+from qattn.kernels import quantize as quantize_module
 from qattn.kernels import (
     attention_forward,
     attention_forward_varlen,
@@ -245,12 +246,10 @@ def test_large_magnitude_bf16(config_name, device, kernel):
     assert (lse - ref_lse).abs().max().item() <= 1e-3 * ref_lse.abs().max().item()
 
 
-@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b", "sage2-8b-token", "sage2-8b-smoothv-nosmoothk"])
-def test_quantize_kv_matches_reference(config_name, device):
-    """K INT8 and V FP8 (or fp16) as the reference quantizes them, padding zeroed."""
-    config = CONFIGS[config_name]
-    b, h, n, d = 2, 2, 150, 80
-    _, k, v = make_inputs(b, h, h, 1, n, d, device=device, k_bias=8.0, seed=5)
+def _check_quantize_kv(config, b, h, n, d, device, seed=5):
+    """quantize_kv gives K INT8 and V FP8 (or fp16) as the reference quantizes them, and
+    zeroes the padding."""
+    _, k, v = make_inputs(b, h, h, 1, n, d, device=device, k_bias=8.0, seed=seed)
     kv = quantize_kv(k, v, config)
     k_q, k_scale_q, v_q = kv.dense()
     kf, vf = k.float(), v.float()
@@ -276,6 +275,27 @@ def test_quantize_kv_matches_reference(config_name, device):
     else:
         assert v_q.dtype == torch.float16
         torch.testing.assert_close(v_q[:, :, :n, :d].float(), vf.half().float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b", "sage2-8b-token", "sage2-8b-smoothv-nosmoothk"])
+def test_quantize_kv_matches_reference(config_name, device):
+    _check_quantize_kv(CONFIGS[config_name], 2, 2, 150, 80, device)
+
+
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
+def test_quantize_kv_many_chunks(config_name, device, monkeypatch):
+    """Statistics combined over many chunks per (sequence, head): 8 chunks of one
+    128-token tile each here."""
+    monkeypatch.setattr(quantize_module, "_QUANT_OVERRIDE", (128, 4))
+    _check_quantize_kv(CONFIGS[config_name], 2, 3, 1000, 64, device, seed=9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_quantize_kv_long(head_dim):
+    """Default tiles and chunking at a long length: 32 (D=128) or 27 (D=64) chunks per
+    (sequence, head), each several tiles, the last one partial."""
+    _check_quantize_kv(CONFIGS["sage2-8b"], 2, 16, 20000 + head_dim + 1, head_dim, "cuda", seed=head_dim)
 
 
 def test_quantize_kv_wgmma_v_order(device):

@@ -1,19 +1,15 @@
-"""K/V preparation for the quantized attention kernel: one Triton launch per call
-(``_prepare_kv_kernel``), persistent programs taking work items from a counter. Each
-chunk of tokens of one (sequence, kv-head) of K or V has two items:
+"""K/V preparation for the quantized attention kernel: two Triton launches per call,
+both over the grid ``(chunks, B * Hkv, 2)`` (token chunks of one (batch, kv-head); the
+last axis picks K or V), so that even short sequences fill the GPU:
 
-1. statistics: per-channel sums (the means for smoothing) and, for FP8 V, per-channel
-   max and min (``amax |V - mean|`` follows exactly as ``max(vmax - mean, mean - vmin)``);
-   the last chunk of its (sequence, head) to finish combines the partials, in a fixed
-   order (deterministic);
-2. quantization, handed out a fixed number of items after the chunk's statistics: it
-   waits until its (sequence, head)'s statistics are complete, reads the chunk again
-   (mostly from L2) and writes the quantized tokens.
+1. ``_partial_stats_kernel`` reduces each chunk: per-channel sums (the means for
+   smoothing) and, for FP8 V, per-channel max and min (``amax |V - mean|`` follows
+   exactly as ``max(vmax - mean, mean - vmin)``);
+2. ``_quantize_kv_kernel`` combines the chunks' partials (a few hundred floats, in a
+   fixed order, so results are deterministic) and writes the chunk's quantized tokens.
 
-The statistics need every token before any can be quantized, so each input byte is read
-twice; the interleaving is meant to take the second read from L2. Measured on an H100
-(docs/kernel_notes.md, session 6) it is 3-4% faster than the previous two launches at
-D = 128 and as fast at D = 64, and saves one launch's host time.
+Every input byte is read twice; one launch per (batch, head) would read it twice too,
+but with far fewer programs in flight (measured in docs/kernel_notes.md).
 
 Outputs are head-major, with the sequences of a batch one after the other in each head's
 plane of ``rows`` token rows. Sequence ``b`` starts at row ``row0(b)``, a multiple of
@@ -43,7 +39,6 @@ Numerics follow ``qattn.reference`` (see its module docstring).
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
@@ -56,11 +51,8 @@ from ..presets import PVDtype, QuantConfig
 __all__ = ["QuantizedKV", "quantize_kv", "padded_head_dim", "padded_kv_len", "KV_PAD"]
 
 KV_PAD = 128  # K/V token buffers are padded to a multiple of this (the largest BLOCK_N)
-_MAX_CHUNKS = 64  # most token chunks one (sequence, head) is split into
-_PROGRAMS_PER_SM = 2  # persistent programs of the quantization launch
-_CHUNK_BYTES = 64 * 1024  # input bytes per chunk (before the _MAX_CHUNKS cap)
-# (BLOCK_T, num_warps, programs per SM, chunk bytes), for benchmarks
-_QUANT_OVERRIDE: tuple[int, int, int, int] | None = None
+_MAX_CHUNKS = 64  # most token chunks one (batch, head) is split into
+_QUANT_OVERRIDE: tuple[int, int] | None = None  # (BLOCK_T, num_warps), for benchmarks
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -72,11 +64,6 @@ def padded_head_dim(head_dim: int) -> int:
 def padded_kv_len(nk: int) -> int:
     """K/V tokens as the kernels store them: a multiple of ``KV_PAD``."""
     return max(KV_PAD, triton.cdiv(nk, KV_PAD) * KV_PAD)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def interpreting() -> bool:
@@ -179,9 +166,8 @@ def _chunk_stats(
     for t0 in range(t_start, t_stop, BLOCK_T):
         t = t0 + offs_t
         mask = (t < t_stop)[:, None] & d_ok[None, :]
-        # evict_last: the quantization reads these bytes again right after
         x = tl.load(base + t[:, None] * stride_n + offs_d[None, :] * stride_d,
-                    mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                    mask=mask, other=0.0).to(tl.float32)
         if NEED_SUM:
             total += tl.sum(x, axis=0)
         if NEED_RANGE:
@@ -202,200 +188,139 @@ def _chunk_stats(
 
 
 @triton.jit
-def _finish_stats(Partials, Stats, Final, bh, n, N_CHUNKS, N_BH, KV: tl.constexpr,
-                  DPAD: tl.constexpr, HEAD_DIM: tl.constexpr, SMOOTH: tl.constexpr, RANGE: tl.constexpr):
-    """Combine the chunks' partials of K (KV = 0) or V (KV = 1) of one (sequence, head)
-    into its statistics: the mean -> Stats[0] (K) or Stats[2] (V); for FP8 V (RANGE) the
-    scale ``amax / 448`` -> Stats[1] and ``amax`` -> Final, which the quantization reads
-    back. Partials are read past L1 (.cg: other programs wrote them) in [ROWS, DPAD]
-    pieces (few registers: they bound the whole kernel's occupancy), in a fixed order
-    (deterministic)."""
-    ROWS: tl.constexpr = 8
-    offs_c = tl.arange(0, ROWS)
-    offs_d = tl.arange(0, DPAD)
-    plane = N_BH * N_CHUNKS * DPAD
-    stats_plane = N_BH * DPAD
-    total = tl.zeros([DPAD], dtype=tl.float32)
-    vmax = tl.full([DPAD], float("-inf"), dtype=tl.float32)
-    vmin = tl.full([DPAD], float("inf"), dtype=tl.float32)
-    for c0 in range(0, N_CHUNKS, ROWS):
-        tile = (bh * N_CHUNKS + c0 + offs_c[:, None]) * DPAD + offs_d[None, :]
-        c_ok = (c0 + offs_c < N_CHUNKS)[:, None]
-        if SMOOTH:
-            total += tl.sum(tl.load(Partials + KV * plane + tile, mask=c_ok, other=0.0, cache_modifier=".cg"), axis=0)
-        if RANGE:
-            vmax = tl.maximum(vmax, tl.max(tl.load(Partials + 2 * plane + tile, mask=c_ok, other=float("-inf"),
-                                                   cache_modifier=".cg"), axis=0))
-            vmin = tl.minimum(vmin, tl.min(tl.load(Partials + 3 * plane + tile, mask=c_ok, other=float("inf"),
-                                                   cache_modifier=".cg"), axis=0))
-    mean = tl.zeros([DPAD], dtype=tl.float32)
-    if SMOOTH:
-        mean = total / tl.maximum(n, 1).to(tl.float32)  # an empty varlen sequence has means of 0
-        tl.store(Stats + 2 * KV * stats_plane + bh * DPAD + offs_d, mean)
-    if RANGE:
-        # max_t |fl(v_t - mean)| == max(fl(vmax - mean), fl(mean - vmin)): rounding is
-        # monotone. (-inf for an empty sequence, hence the clamp.)
-        amax = tl.where(offs_d < HEAD_DIM, tl.maximum(tl.maximum(vmax - mean, mean - vmin), 0.0), 0.0)
-        tl.store(Stats + stats_plane + bh * DPAD + offs_d, tl.math.div_rn(amax, 448.0))
-        tl.store(Final + bh * DPAD + offs_d, amax)
-
-
-@triton.jit
-def _quantize_k_chunk(k_in, stride_kn, stride_kd, k_out, k_scale_out, mean, n, t_start, t_stop,
-                      HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                      K_GROUP: tl.constexpr):
-    """Tokens [t_start, t_stop) of one (sequence, head) of K -> INT8 rows and group scales
-    (tokens from ``n`` on are the zero padding)."""
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, DPAD)
-    d_ok = offs_d < HEAD_DIM
-    for t0 in range(t_start, t_stop, BLOCK_T):
-        t = t0 + offs_t
-        mask = (t < n)[:, None] & d_ok[None, :]
-        # evict_first: the second and last read of these bytes
-        x = tl.load(k_in + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=mask, other=0.0, eviction_policy="evict_first")
-        x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
-        amax = _group_amax(tl.max(tl.abs(x), axis=1), K_GROUP, BLOCK_T)
-        inv = _quant_multiplier(amax, 127.0)
-        xq = _round_half_up(x * inv[:, None])
-        in_buf = t < t_stop  # BLOCK_T may overrun the padded length (a multiple of 128)
-        tl.store(k_out + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8), mask=in_buf[:, None])
-        tl.store(k_scale_out + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
-
-
-@triton.jit
-def _quantize_v_chunk(v_in, stride_vn, stride_vd, v_out, ROWS, mean, amax, n, t_start, t_stop,
-                      HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                      V_FP8: tl.constexpr, EXACT_FP8: tl.constexpr, WGMMA_V_ORDER: tl.constexpr):
-    """Tokens [t_start, t_stop) of one (sequence, head) of V -> FP8 V^T columns (scaled by
-    448 / amax per channel) or fp16 rows."""
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, DPAD)
-    d_ok = offs_d < HEAD_DIM
-    inv = _quant_multiplier(amax, 448.0)
-    for t0 in range(t_start, t_stop, BLOCK_T):
-        t = t0 + offs_t
-        mask = (t < n)[:, None] & d_ok[None, :]
-        x = tl.load(v_in + t[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=mask, other=0.0, eviction_policy="evict_first")
-        x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
-        in_buf = t < t_stop
-        if V_FP8:
-            y = x * inv[None, :]
-            if EXACT_FP8:
-                y = _round_to_e4m3_grid(y)
-            # Transposed [DPAD, ROWS]: tokens contiguous (K-major for FP8 wgmma). Padded
-            # channels are not stored: the host zeroes them (on an H100 this store left
-            # nonzero bytes there; docs/kernel_notes.md, "Known defect").
-            if WGMMA_V_ORDER:  # reorder the tile's tokens, then store it as usual
-                y = tl.reshape(tl.permute(tl.reshape(y, [BLOCK_T // 32, 2, 2, 4, 2, DPAD]), (0, 1, 3, 2, 4, 5)),
-                               [BLOCK_T, DPAD])
-            tl.store(v_out + offs_d[None, :] * ROWS + t[:, None], y.to(tl.float8e4nv),
-                     mask=in_buf[:, None] & d_ok[None, :])
-        else:
-            tl.store(v_out + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16), mask=in_buf[:, None])
-
-
-@triton.jit
-def _prepare_chunk(
-    is_stats, x_in, stride_n, stride_d, K_q, K_scale, V_q, Stats, Partials, Final, Arrived, Ready,
-    group, chunk, bh, h, n, n_pad, row0, ROWS, CHUNK, N_CHUNKS, N_BH,
-    KV: tl.constexpr, SMOOTH: tl.constexpr, RANGE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    K_GROUP: tl.constexpr, EXACT_FP8: tl.constexpr, WGMMA_V_ORDER: tl.constexpr,
-):
-    """One work item of :func:`_prepare_kv_kernel` on chunk ``chunk`` of K (KV = 0) or V
-    (1) of (sequence, kv-head) ``bh``: its statistics (``is_stats``) or its quantization.
-    SMOOTH: subtract the per-channel mean; RANGE: FP8 V (per-channel amax, hence max and
-    min)."""
-    stats_stride = N_BH * DPAD
-    if is_stats:
-        if SMOOTH or RANGE:
-            _chunk_stats(x_in, stride_n, stride_d, Partials, bh, chunk, n, CHUNK, N_CHUNKS, N_BH,
-                         KV, 2, HEAD_DIM, DPAD, BLOCK_T, SMOOTH, RANGE)
-            tl.debug_barrier()  # every thread's partials are stored before the release below
-            if tl.atomic_add(Arrived + group, 1, sem="acq_rel") == N_CHUNKS - 1:
-                _finish_stats(Partials, Stats, Final, bh, n, N_CHUNKS, N_BH, KV, DPAD, HEAD_DIM, SMOOTH, RANGE)
-                tl.debug_barrier()
-                tl.atomic_xchg(Ready + group, 1, sem="release")
-    else:
-        if SMOOTH or RANGE:  # wait until the statistics are final
-            while tl.atomic_add(Ready + group, 0, sem="acquire") == 0:
-                pass
-        t_start = chunk * CHUNK
-        t_stop = tl.minimum(t_start + CHUNK, n_pad)
-        offs_d = tl.arange(0, DPAD)
-        mean = tl.zeros([DPAD], dtype=tl.float32)
-        if KV == 0:
-            if SMOOTH:
-                mean = tl.load(Stats + bh * DPAD + offs_d, cache_modifier=".cg")
-            _quantize_k_chunk(x_in, stride_n, stride_d, K_q + (h * ROWS + row0) * DPAD,
-                              K_scale + h * ROWS + row0, mean, n, t_start, t_stop,
-                              HEAD_DIM, DPAD, BLOCK_T, K_GROUP)
-        else:
-            if SMOOTH:
-                mean = tl.load(Stats + 2 * stats_stride + bh * DPAD + offs_d, cache_modifier=".cg")
-            amax = tl.zeros([DPAD], dtype=tl.float32)
-            if RANGE:
-                amax = tl.load(Final + bh * DPAD + offs_d, cache_modifier=".cg")
-                v_out = V_q + h * DPAD * ROWS + row0
-            else:
-                v_out = V_q + (h * ROWS + row0) * DPAD
-            _quantize_v_chunk(x_in, stride_n, stride_d, v_out, ROWS, mean, amax, n, t_start, t_stop,
-                              HEAD_DIM, DPAD, BLOCK_T, RANGE, EXACT_FP8, WGMMA_V_ORDER)
-
-
-@triton.jit
-def _prepare_kv_kernel(
+def _partial_stats_kernel(
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     V, stride_vb, stride_vh, stride_vn, stride_vd,
-    Cu, K_q, K_scale, V_q, Stats, Partials, Final, Tickets, Arrived, Ready,
-    H_KV, N, N_PAD, ROWS, CHUNK, N_CHUNKS, N_BH, LAG,
+    Cu, Partials, H_KV, N, N_PAD, CHUNK, N_CHUNKS,
+    HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, V_FP8: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Pass 1, program (chunk, bh, 0 for K / 1 for V): per-channel sums (and for FP8 V,
+    max and min) over one chunk of tokens -> Partials[stat, bh, chunk, :]."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_bh = tl.num_programs(1)
+    b = bh // H_KV
+    h = bh % H_KV
+    start, n, _, _ = _kv_sequence(Cu, b, N, N_PAD, VARLEN)
+    if tl.program_id(2) == 0:
+        if SMOOTH_K:
+            _chunk_stats(K + b * stride_kb + start * stride_kn + h * stride_kh, stride_kn, stride_kd,
+                         Partials, bh, chunk, n, CHUNK, N_CHUNKS, n_bh, 0, 2,
+                         HEAD_DIM, DPAD, BLOCK_T, True, False)
+    else:
+        if SMOOTH_V or V_FP8:
+            _chunk_stats(V + b * stride_vb + start * stride_vn + h * stride_vh, stride_vn, stride_vd,
+                         Partials, bh, chunk, n, CHUNK, N_CHUNKS, n_bh, 1, 2,
+                         HEAD_DIM, DPAD, BLOCK_T, SMOOTH_V, V_FP8)
+
+
+@triton.jit
+def _reduce_partials(Partials, stat, bh, N_CHUNKS, n_bh, DPAD: tl.constexpr, OP: tl.constexpr):
+    """Combine one statistic's per-chunk partials, in chunk order (deterministic)."""
+    offs_d = tl.arange(0, DPAD)
+    ptr = Partials + (stat * n_bh + bh) * N_CHUNKS * DPAD + offs_d
+    acc = tl.load(ptr)
+    for c in range(1, N_CHUNKS):
+        x = tl.load(ptr + c * DPAD)
+        if OP == 0:
+            acc += x
+        elif OP == 1:
+            acc = tl.maximum(acc, x)
+        else:
+            acc = tl.minimum(acc, x)
+    return acc
+
+
+@triton.jit
+def _quantize_kv_kernel(
+    K, stride_kb, stride_kh, stride_kn, stride_kd,
+    V, stride_vb, stride_vh, stride_vn, stride_vd,
+    Cu, K_q, K_scale, V_q, Stats, Partials,
+    H_KV, N, N_PAD, ROWS, CHUNK, N_CHUNKS, STATS_STRIDE,
     HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
     K_GROUP: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr,
     V_FP8: tl.constexpr, VARLEN: tl.constexpr, EXACT_FP8: tl.constexpr, WGMMA_V_ORDER: tl.constexpr,
 ):
-    """Persistent programs taking tickets from a counter. Chunk ``c`` (of ``N_ITEMS =
-    N_BH * 2 * N_CHUNKS``, numbered ``(bh * 2 + kv) * N_CHUNKS + chunk``: chunk ``chunk``
-    of K (kv = 0) or V (kv = 1) of (sequence, kv-head) ``bh``) has two work items:
+    """Pass 2, program (chunk, bh, 0 for K / 1 for V): finish the statistics from the
+    partials, then quantize the chunk's tokens (and the zero padding up to the sequence's
+    padded length) into rows ``row0 + t`` of head ``h``'s plane."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_bh = tl.num_programs(1)
+    b = bh // H_KV
+    h = bh % H_KV
+    start, n, n_pad, row0 = _kv_sequence(Cu, b, N, N_PAD, VARLEN)
+    n_mean = tl.maximum(n, 1).to(tl.float32)  # an empty varlen sequence: means of 0
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, DPAD)
+    d_ok = offs_d < HEAD_DIM
+    t_start = chunk * CHUNK
+    t_stop = tl.minimum(t_start + CHUNK, n_pad)
 
-    * S_c, statistics: per-channel sums (max, min) of the chunk -> Partials; the last
-      chunk of its (bh, kv) to arrive combines them (``_finish_stats``) and sets Ready;
-    * Q_c, quantization: wait for Ready, read the chunk again and quantize it.
-
-    Tickets run S_0 .. S_{LAG-1}, then S_{LAG+j} and Q_j alternately, then the last Qs:
-    Q_c reads its bytes again about 2 LAG tickets after S_c read them, so they are mostly
-    still in L2 (one HBM read of K and V instead of two), and everything a Q waits for
-    was handed out before it (LAG >= N_CHUNKS) to a program that never waits itself: no
-    deadlock, whatever the number of resident programs, and a program running the
-    tickets one after another (TRITON_INTERPRET) never waits at all.
-    """
-    n_items = N_BH * 2 * N_CHUNKS
-    ticket = tl.atomic_add(Tickets, 1)
-    while ticket < 2 * n_items:
-        r = ticket - LAG
-        interleaved = r < 2 * (n_items - LAG)
-        is_stats = (r < 0) | (interleaved & (r % 2 == 0))
-        item = tl.where(r < 0, ticket, tl.where(interleaved, tl.where(r % 2 == 0, LAG + r // 2, r // 2),
-                                                r - (n_items - LAG)))
-        group = item // N_CHUNKS
-        chunk = item % N_CHUNKS
-        bh = (group // 2).to(tl.int64)
-        b = bh // H_KV
-        h = bh % H_KV
-        start, n, n_pad, row0 = _kv_sequence(Cu, b, N, N_PAD, VARLEN)
-        if group % 2 == 0:
-            _prepare_chunk(is_stats, K + b * stride_kb + start * stride_kn + h * stride_kh, stride_kn, stride_kd,
-                           K_q, K_scale, V_q, Stats, Partials, Final, Arrived, Ready,
-                           group, chunk, bh, h, n, n_pad, row0, ROWS, CHUNK, N_CHUNKS, N_BH,
-                           0, SMOOTH_K, False, HEAD_DIM, DPAD, BLOCK_T, K_GROUP, EXACT_FP8, WGMMA_V_ORDER)
+    if tl.program_id(2) == 0:
+        k_in = K + b * stride_kb + start * stride_kn + h * stride_kh
+        mean = tl.zeros([DPAD], dtype=tl.float32)
+        if SMOOTH_K:
+            mean = _reduce_partials(Partials, 0, bh, N_CHUNKS, n_bh, DPAD, 0) / n_mean
+            if chunk == 0:
+                tl.store(Stats + bh * DPAD + offs_d, mean)
+        k_out = K_q + (h * ROWS + row0) * DPAD
+        k_scale_out = K_scale + h * ROWS + row0
+        for t0 in range(t_start, t_stop, BLOCK_T):
+            t = t0 + offs_t
+            mask = (t < n)[:, None] & d_ok[None, :]
+            x = tl.load(k_in + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=mask, other=0.0)
+            x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
+            amax = _group_amax(tl.max(tl.abs(x), axis=1), K_GROUP, BLOCK_T)
+            inv = _quant_multiplier(amax, 127.0)
+            xq = _round_half_up(x * inv[:, None])
+            in_buf = t < t_stop  # BLOCK_T may overrun the padded length (a multiple of 128)
+            tl.store(k_out + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8),
+                     mask=in_buf[:, None])
+            tl.store(k_scale_out + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
+    else:
+        v_in = V + b * stride_vb + start * stride_vn + h * stride_vh
+        mean = tl.zeros([DPAD], dtype=tl.float32)
+        if SMOOTH_V:
+            mean = _reduce_partials(Partials, 1, bh, N_CHUNKS, n_bh, DPAD, 0) / n_mean
+            if chunk == 0:
+                tl.store(Stats + 2 * STATS_STRIDE + bh * DPAD + offs_d, mean)
+        if V_FP8:
+            vmax = _reduce_partials(Partials, 2, bh, N_CHUNKS, n_bh, DPAD, 1)
+            vmin = _reduce_partials(Partials, 3, bh, N_CHUNKS, n_bh, DPAD, 2)
+            # max_t |fl(v_t - mean)| == max(fl(vmax - mean), fl(mean - vmin)): rounding
+            # is monotone. (-inf for an empty sequence, hence the clamp.)
+            amax = tl.where(d_ok, tl.maximum(tl.maximum(vmax - mean, mean - vmin), 0.0), 0.0)
+            inv = _quant_multiplier(amax, 448.0)
+            if chunk == 0:
+                tl.store(Stats + STATS_STRIDE + bh * DPAD + offs_d, tl.math.div_rn(amax, 448.0))
+            v_out = V_q + h * DPAD * ROWS + row0
         else:
-            _prepare_chunk(is_stats, V + b * stride_vb + start * stride_vn + h * stride_vh, stride_vn, stride_vd,
-                           K_q, K_scale, V_q, Stats, Partials, Final, Arrived, Ready,
-                           group, chunk, bh, h, n, n_pad, row0, ROWS, CHUNK, N_CHUNKS, N_BH,
-                           1, SMOOTH_V, V_FP8, HEAD_DIM, DPAD, BLOCK_T, K_GROUP, EXACT_FP8, WGMMA_V_ORDER)
-        ticket = tl.atomic_add(Tickets, 1)
+            v_out = V_q + (h * ROWS + row0) * DPAD
+        for t0 in range(t_start, t_stop, BLOCK_T):
+            t = t0 + offs_t
+            mask = (t < n)[:, None] & d_ok[None, :]
+            x = tl.load(v_in + t[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=mask, other=0.0)
+            x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
+            in_buf = t < t_stop
+            if V_FP8:
+                y = x * inv[None, :]
+                if EXACT_FP8:
+                    y = _round_to_e4m3_grid(y)
+                # Transposed [DPAD, ROWS]: tokens contiguous (K-major for FP8 wgmma). Padded
+                # channels are not stored: the host zeroes them (on an H100 this store left
+                # nonzero bytes there; docs/kernel_notes.md, "Known defect").
+                if WGMMA_V_ORDER:  # reorder the tile's tokens, then store it as usual
+                    y = tl.reshape(tl.permute(tl.reshape(y, [BLOCK_T // 32, 2, 2, 4, 2, DPAD]), (0, 1, 3, 2, 4, 5)),
+                                   [BLOCK_T, DPAD])
+                tl.store(v_out + offs_d[None, :] * ROWS + t[:, None], y.to(tl.float8e4nv),
+                         mask=in_buf[:, None] & d_ok[None, :])
+            else:
+                tl.store(v_out + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16),
+                         mask=in_buf[:, None])
 
 
 # ----------------------------------------------------------------------------- host
@@ -486,36 +411,24 @@ def quantize_kv(
         v_q = torch.empty((heads, rows, dpad), dtype=torch.float16, device=device)
     stats = torch.empty((3, batch, heads, dpad), dtype=torch.float32, device=device)
 
-    # Tiles of BLOCK_T tokens, warps: measured on an H100 at D = 64 and 128
-    # (docs/kernel_notes.md, session 6: `bench/kernel_sweep.py quant`); D = 32 and 256 not.
-    block_t, num_warps, programs_per_sm, chunk_bytes = _QUANT_OVERRIDE or (
-        *{32: (256, 4), 64: (128, 4), 128: (128, 4)}.get(dpad, (64, 8)), _PROGRAMS_PER_SM, _CHUNK_BYTES)
+    # Tiles measured on an H100 (docs/kernel_notes.md): 256 x 64 with 8 warps at D=64,
+    # 128 x 128 with 4 warps at D=128; D <= 32 and 256 not measured.
+    block_t, num_warps = _QUANT_OVERRIDE or {32: (256, 4), 64: (256, 8), 128: (128, 4)}.get(dpad, (64, 8))
     assert block_t % config.k_group == 0
-    interpret = interpreting()
-    # Tokens per chunk: about chunk_bytes of input (at most _MAX_CHUNKS chunks per
-    # (sequence, head), so that combining the partials stays cheap).
-    n_bh = batch * heads
-    chunk = max(block_t, chunk_bytes // (head_dim * k.element_size()) // block_t * block_t)
-    chunk = max(chunk, triton.cdiv(triton.cdiv(nk_pad, _MAX_CHUNKS), block_t) * block_t)
+    # Token chunks per (sequence, head): enough programs to fill the GPU (~2048 in all),
+    # few enough that finishing the statistics from the partials stays cheap.
+    target_chunks = max(1, min(_MAX_CHUNKS, 1024 // max(1, batch * heads)))
+    chunk = triton.cdiv(triton.cdiv(nk_pad, target_chunks), block_t) * block_t
     n_chunks = triton.cdiv(nk_pad, chunk)
-    n_items = n_bh * 2 * n_chunks
-    programs = 1 if interpret else min(n_items, programs_per_sm * _sm_count(device))
-    # Q_c follows S_c by ~2 * lag tickets: long enough for the chunk's (bh, kv) to have
-    # its statistics (>= n_chunks, plus the tickets the programs hold at once), short
-    # enough that the chunks read in between stay in L2
-    lag = min(n_items, n_chunks + programs)
-    # fp32 scratch: partials [4, n_bh, n_chunks, dpad] (K sum, V sum, V max, V min), then
-    # V's amax [n_bh, dpad]; int32 counters: the ticket counter, then per (bh, K|V) the
-    # chunks arrived and the statistics-ready flag
-    scratch = torch.empty((4 * n_chunks + 1) * n_bh * dpad, dtype=torch.float32, device=device)
-    counters = torch.zeros(1 + 4 * n_bh, dtype=torch.int32, device=device)
-    _prepare_kv_kernel[(programs,)](
-        k, *k_strides, v, *v_strides, cu_seqlens if varlen else k_scale,
-        k_q, k_scale, v_q, stats, scratch, scratch[4 * n_chunks * n_bh * dpad:],
-        counters, counters[1: 1 + 2 * n_bh], counters[1 + 2 * n_bh:],
-        heads, nk, nk_pad, rows, chunk, n_chunks, n_bh, lag,
-        HEAD_DIM=head_dim, DPAD=dpad, BLOCK_T=block_t, K_GROUP=config.k_group, SMOOTH_K=config.smooth_k,
-        SMOOTH_V=config.smooth_v, V_FP8=v_fp8, VARLEN=varlen, EXACT_FP8=interpret, WGMMA_V_ORDER=wgmma_v_order,
-        num_warps=num_warps,
+    partials = torch.empty((4, batch * heads, n_chunks, dpad), dtype=torch.float32, device=device)
+    args = (k, *k_strides, v, *v_strides, cu_seqlens if varlen else k_scale)
+    meta = dict(HEAD_DIM=head_dim, DPAD=dpad, BLOCK_T=block_t, SMOOTH_K=config.smooth_k,
+                SMOOTH_V=config.smooth_v, V_FP8=v_fp8, VARLEN=varlen, num_warps=num_warps)
+    grid = (n_chunks, batch * heads, 2)
+    _partial_stats_kernel[grid](*args, partials, heads, nk, nk_pad, chunk, n_chunks, **meta)
+    _quantize_kv_kernel[grid](
+        *args, k_q, k_scale, v_q, stats, partials,
+        heads, nk, nk_pad, rows, chunk, n_chunks, batch * heads * dpad,
+        K_GROUP=config.k_group, EXACT_FP8=interpreting(), WGMMA_V_ORDER=wgmma_v_order, **meta,
     )
     return QuantizedKV(k_q, k_scale, v_q, stats, wgmma_v_order)
