@@ -41,8 +41,14 @@ def compile_kernel(head_dim: int, block_n: int, stages: int, causal: bool, lse: 
              "k_desc": f"tensordesc<i8[{block_n}, {head_dim}],{k_layout!r}>",
              "v_desc": f"tensordesc<fp8e4nv[{head_dim}, {block_n}],{v_layout!r}>",
              "score_scale": "fp32", "sm_scale": "fp32"}
+    # as the JIT specializes a contiguous bf16 [B, H, N, D] call: unit last strides become
+    # constants, pointers and the other strides are known multiples of 16
+    constexprs.update(stride_qd=1, stride_od=1)
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    source = GluonASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    divisible = [n for n in names if n in ("Q", "O", "K_scale", "Stats", "LSE") or n.startswith("stride_")]
+    source = GluonASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible
+                                   if n not in constexprs})
     # the launch's register budget (attention_sm90.launch): 168 x 12 warps = 64K
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": 168})
 

@@ -546,7 +546,7 @@ def attention_forward(
         return out, lse
 
     tiles = sm90_tiles(config, head_dim, causal_offset is not None, q.device, False, attn_mask is not None,
-                       batch * hq * nq * nk, q)
+                       batch * hq * nq * nk)
     kv = quantize_kv(k, v, config, wgmma_v_order=tiles is not None)
     if attn_mask is None:
         mask, mask_strides, mask_kind = out, (0, 0, 0, 0), 0
@@ -623,15 +623,12 @@ def attention_forward_varlen(
 
 def sm90_tiles(config: QuantConfig, head_dim: int, causal: bool, device: torch.device,
                varlen: bool = False, masked: bool = False, work: int | None = None,
-               q: torch.Tensor | None = None) -> "attention_sm90.HopperConfig | None":
+               ) -> "attention_sm90.HopperConfig | None":
     """The Gluon kernel's tiles when it runs this case, else None (the portable kernel
     runs): sm_90, a Triton version it was tested on, FP8 P~V, no user mask, dense
     batches, a head dim in its table, Q groups within a tile, K groups of half a block
-    or more, ``work = B * Hq * Nq * Nk`` (None: large) of at least its MIN_WORK, and
-    (when given) a ``q`` whose layout its Q copy reads (:func:`attention_sm90.reads_q`)."""
+    or more, and ``work = B * Hq * Nq * Nk`` (None: large) of at least its MIN_WORK."""
     if not (_USE_SM90 and attention_sm90.AVAILABLE) or varlen or masked or device.type != "cuda":
-        return None
-    if q is not None and not attention_sm90.reads_q(q):
         return None
     if work is not None and work < attention_sm90.MIN_WORK:
         return None

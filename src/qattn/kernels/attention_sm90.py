@@ -6,9 +6,9 @@ written against the hardware instead of through ``tl.dot``. A CTA has 128 query 
 three partitions (``gl.warp_specialize``):
 
 * a producer warp (24 registers) that TMA-loads K (INT8, ``[BLOCK_N, DPAD]``) and V^T
-  (FP8, ``[DPAD, BLOCK_N]``) tiles into a ring of ``STAGES`` shared-memory slots: an
-  mbarrier per slot says "ready" (TMA byte count) and one says "empty" (both consumers
-  have finished with it);
+  (FP8, ``[DPAD, BLOCK_N]``) tiles, and stores the block's two K scales, into a ring of
+  ``STAGES`` shared-memory slots: an mbarrier per slot says "ready" (TMA byte count and
+  the scales' arrival) and one says "empty" (both consumers have finished with it);
 * two consumer warpgroups (240 registers each), 64 query rows each, that quantize their Q
   rows to INT8 in shared memory, then per K/V block run the softmax and take turns on the
   tensor cores: in its turn a warpgroup issues its ``P~ V`` (FP8, P~ from registers, fresh
@@ -31,7 +31,6 @@ kernel runs. ``bench/compile_sm90.py`` compiles it for sm_90a on a machine witho
 
 from __future__ import annotations
 
-import torch
 import triton
 
 TESTED_TRITON = ("3.6.",)
@@ -39,7 +38,6 @@ TESTED_TRITON = ("3.6.",)
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
@@ -53,7 +51,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without Gluon
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "TESTED_TRITON", "HopperConfig", "hopper_config", "kv_descriptors", "launch", "reads_q"]
+__all__ = ["AVAILABLE", "TESTED_TRITON", "HopperConfig", "hopper_config", "kv_descriptors", "launch"]
 
 
 class HopperConfig:
@@ -195,22 +193,20 @@ if AVAILABLE:
         return gl.sum(gl.where(half == 0, ks, 0.0), axis=0), gl.sum(gl.where(half == 1, ks, 0.0), axis=0)
 
     @gluon.jit
-    def _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, turn, qk_block, pv_block, p8, ks0, ks1, s_zero,
-                  o_zero, CONSUMER: gl.constexpr, STAGES: gl.constexpr, ISSUE_QK: gl.constexpr,
-                  ISSUE_PV: gl.constexpr):
-        """This warpgroup's turn number ``turn`` on the tensor cores: issue P~ V of the K/V
-        block in ring position ``pv_block`` and (ISSUE_QK) Q K^T of the one in position
-        ``qk_block``, wait for both, then pass the turn. Turns and ring positions count
-        on across the CTA's tiles. With the Q K^T, the block's two K scales are read from
-        shared memory (``ks0``, ``ks1`` are returned unchanged otherwise). Handing over only when both are done keeps the two
-        warpgroups' products from sharing the tensor cores, so each one's softmax runs
-        under the other's (passing it at issue measured 6% slower, docs/kernel_notes.md)."""
+    def _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, turn, p8, pv_block, ks0, ks1, s_zero, o_zero,
+                  CONSUMER: gl.constexpr, STAGES: gl.constexpr, ISSUE_QK: gl.constexpr, ISSUE_PV: gl.constexpr):
+        """This warpgroup's turn number ``turn`` on the tensor cores: issue block
+        ``pv_block``'s P~ V and (ISSUE_QK) block ``turn``'s Q K^T, wait for both, then pass
+        the turn. With the Q K^T, the block's two K scales are read from shared memory
+        (``ks0``, ``ks1`` are returned unchanged otherwise). Handing over only when both are done keeps the two warpgroups' products
+        from sharing the tensor cores, so each one's softmax runs under the other's
+        (passing it at issue measured 6% slower, docs/kernel_notes.md)."""
         # consumer 0 takes turns 0, 1, ... each after consumer 1's previous one; its first
         # wait passes on a fresh barrier (phase parity 1 counts as complete)
         mbarrier.wait(turns.index(CONSUMER), (turn & 1) ^ (1 - CONSUMER))
         if ISSUE_QK:
-            slot = qk_block % STAGES
-            mbarrier.wait(ready.index(slot), (qk_block // STAGES) & 1)
+            slot = turn % STAGES
+            mbarrier.wait(ready.index(slot), (turn // STAGES) & 1)
             ks0, ks1 = _k_scales(ks_smem.index(slot))
             s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if ISSUE_PV:
@@ -228,162 +224,62 @@ if AVAILABLE:
         return s_int, pv, ks0, ks1
 
     @gluon.jit
-    def _block(j, ring, turn, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
+    def _block(j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
                q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
                CONSUMER: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-               CAUSAL: gl.constexpr, P_SHIFT: gl.constexpr,
+               CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr,
                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-        """Block j of the tile (ring position ``ring + j``), not its last: softmax of its
-        scores ``s_int`` (K scales ``ks0``, ``ks1``), then turn ``turn + j`` (its P~ V and
-        block j + 1's Q K^T, whose scores and K scales are returned), then the accumulator
-        update and the release of its K/V slot. P~ is consumed in the iteration that makes
-        it: carried across iterations, its FP8 bytes were unpacked and repacked (~200
-        instructions per block)."""
+        """Block j: softmax of its scores ``s_int`` (K scales ``ks0``, ``ks1``), then turn
+        j + 1 (its P~ V and, with ISSUE_NEXT, block j + 1's Q K^T, whose scores and K scales
+        are returned), then the accumulator update and the release of its K/V slot.
+        P~ is consumed in the iteration that makes it: carried across iterations, its FP8
+        bytes were unpacked and repacked (~200 instructions per block)."""
         p8, alpha, m_i, l_i = _softmax(s_int, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
                                        BLOCK_N, MASKED, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
-        s_int, pv, ks0, ks1 = _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, turn + j, ring + j + 1,
-                                        ring + j, p8, ks0, ks1, s_zero, o_zero, CONSUMER, STAGES, True, True)
+        s_int, pv, ks0, ks1 = _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, j + 1, p8, j, ks0, ks1,
+                                        s_zero, o_zero, CONSUMER, STAGES, ISSUE_NEXT, True)
         acc = acc * alpha[:, None] + pv  # one FMA per element (two-level accumulation)
-        mbarrier.arrive(empty.index((ring + j) % STAGES), count=1)
+        mbarrier.arrive(empty.index(j % STAGES), count=1)
         return s_int, ks0, ks1, acc, m_i, l_i
 
     @gluon.jit
-    def _tile(i, H_Q, KV_GROUP, N_K, N_K_PAD, ROWS, N_M, causal_offset,
-              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-        """Tile i of this CTA (a BLOCK_M-row query block of one (batch, head)): its
-        coordinates and K/V blocks (int32: the caller widens what addresses memory).
-        Tiles are numbered head by head, within a head the longest causal rows first;
-        pass k of the grid over them goes left to right when k is even, right to left
-        when odd (a snake), which evens out the causal work per CTA (docs/kernel_notes.md,
-        session 7), while the CTAs of one pass share a few heads' K/V in L2."""
-        BLOCK_M: gl.constexpr = 128
-        cta = gl.program_id(0)
-        n_cta = gl.num_programs(0)
-        t = i * n_cta + cta + (i % 2) * (n_cta - 1 - 2 * cta)
-        bh = t // N_M
-        pid_m = t % N_M
-        if CAUSAL:
-            pid_m = N_M - 1 - pid_m
-        b = bh // H_Q
-        h = bh % H_Q
-        h_kv = h // KV_GROUP  # GQA/MQA: q head h reads kv head h // (Hq // Hkv)
-        start_m = pid_m * BLOCK_M
-        kv_row0 = b * N_K_PAD
-        # K/V blocks [0, lo_masked) need no mask for any row of the tile; both consumers
-        # run all n_blocks (they must take the same number of turns)
-        n_full = N_K // BLOCK_N
-        if CAUSAL:  # key j is kept for row i iff j <= i + causal_offset
-            hi = gl.minimum(N_K, gl.maximum(start_m + BLOCK_M + causal_offset, 0))
-            lo_masked = gl.minimum(n_full, gl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N)
-        else:
-            hi = N_K
-            lo_masked = n_full
-        n_blocks = gl.cdiv(hi, BLOCK_N)
-        return b, h, bh, bh // KV_GROUP, h_kv * ROWS + kv_row0, h_kv, kv_row0, start_m, n_blocks, lo_masked
-
-    @gluon.jit
-    def _producer(k_desc, v_desc, K_scale, k_smem, v_smem, ks_smem, ready, empty, n_tiles_cta, H_Q, KV_GROUP, N_K,
-                  N_K_PAD, ROWS,
-                  N_M, causal_offset, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr):
-        """One warp: TMA every K/V block of the CTA's tiles into the ring, into a slot as
-        soon as both consumers have released it (``empty`` completes on two arrivals), so
-        the next tile's first blocks load while the consumers finish the current one. The
+    def _producer(k_desc, v_desc, K_scale, k_smem, v_smem, ks_smem, ready, empty, n_blocks, k_row, v_row, kv_row0,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: TMA every K/V block of the CTA into the ring, into a slot as soon as
+        both consumers have released it (``empty`` completes on two arrivals). The
         block's two K scales go into the slot too, after the TMA is issued (so that their
         load latency overlaps it), with a second arrival on ``ready``: the consumers then
-        read no global memory per block (a scale load one block ahead stalled their
-        softmax where L2 missed, docs/kernel_notes.md, session 7)."""
+        read no global memory per block."""
         halves_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32], warps_per_cta=[1],
                                                        order=[0])
         halves = gl.arange(0, 2, layout=halves_layout) * (BLOCK_N // 2)
-        ring = 0
-        for i in range(n_tiles_cta):
-            b, h, bh, bh_kv, k_row, h_kv, kv_row0, start_m, n_blocks, lo_masked = _tile(
-                i, H_Q, KV_GROUP, N_K, N_K_PAD, ROWS, N_M, causal_offset, BLOCK_N, CAUSAL)
-            for j in range(n_blocks):
-                slot = ring % STAGES
-                # a fresh mbarrier counts as having completed the phase before phase 0
-                mbarrier.wait(empty.index(slot), ((ring // STAGES) & 1) ^ 1)
-                bar = ready.index(slot)
-                mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [k_row + j * BLOCK_N, 0], bar, k_smem.index(slot))
-                tma.async_copy_global_to_shared(v_desc, [h_kv * DPAD, kv_row0 + j * BLOCK_N], bar, v_smem.index(slot))
-                ks_smem.index(slot).store(gl.load(K_scale + k_row + j * BLOCK_N + halves))
-                gl.thread_barrier()  # whichever lane stored, before the arrival releases it
-                mbarrier.arrive(bar, count=1)
-                ring += 1
-
-    @gluon.jit
-    def _copy_q(q_raw, Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, start_m, N_Q,
-                HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, io_layout: gl.constexpr):
-        """Start the async copy of a warpgroup's 64 Q rows from ``start_m`` of (b, h) into
-        ``q_raw``; rows past N_Q and columns past HEAD_DIM are filled with zeros. The
-        caller checked that Q's rows are 16-byte aligned with unit column stride."""
-        offs_m = start_m + gl.arange(0, 64, layout=gl.SliceLayout(1, io_layout))
-        offs_d = gl.arange(0, DPAD, layout=gl.SliceLayout(0, io_layout))
-        mask = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        ptrs = (Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh + offs_m[:, None] * stride_qn
-                + offs_d[None, :] * stride_qd)
-        async_copy.async_copy_global_to_shared(q_raw, ptrs, mask=mask)
-        async_copy.commit_group()
-
-    @gluon.jit
-    def _prepare_q(q_raw, q_smem, Q, stride_qb, stride_qh, stride_qn, stride_qd, Stats, bh_kv,
-                   next_b, next_h, next_start_m, copy_next, score_scale, sm_scale, N_Q,
-                   HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, Q_GROUP: gl.constexpr, SMOOTH_K: gl.constexpr,
-                   RETURN_LSE: gl.constexpr, io_layout: gl.constexpr, s_rows: gl.constexpr):
-        """The Q rows whose copy is in ``q_raw`` -> INT8 in ``q_smem`` with one scale per
-        Q_GROUP rows; then (``copy_next``) the copy of the rows of the tile after starts.
-        Returns the row scales (times ``score_scale``) and, for the LSE, the shift that K
-        smoothing removed from the rows' scores (K mean of kv head ``bh_kv``)."""
-        ROWS_WG: gl.constexpr = 64
-        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
-        async_copy.wait_group(0)
-        gl.thread_barrier()  # every thread's part of the copy has landed
-        q = q_raw.load(io_layout).to(gl.float32)
-        # every thread has read q_raw, and this warpgroup's Q K^T products that read
-        # q_smem are complete (waited for in an earlier turn)
-        gl.thread_barrier()
-        if copy_next:
-            _copy_q(q_raw, Q, stride_qb, stride_qh, stride_qn, stride_qd, next_b, next_h, next_start_m, N_Q,
-                    HEAD_DIM, DPAD, io_layout)
-        q_amax = gl.max(gl.abs(q), axis=1)
-        if Q_GROUP > 1:
-            grouped = gl.reshape(q_amax, [ROWS_WG // Q_GROUP, Q_GROUP])
-            group_max = gl.max(grouped, axis=1)
-            grouped = gl.expand_dims(group_max, 1) + gl.zeros_like(grouped)
-            q_amax = gl.convert_layout(gl.reshape(grouped, [ROWS_WG]), io_rows)
-        has_scale = q_amax > 0
-        one = gl.full([ROWS_WG], 1.0, gl.float32, io_rows)
-        q_inv = gl.where(has_scale, gl.div_rn(one, gl.where(has_scale, q_amax, 1.0)) * 127.0, 0.0)
-        q_i8 = gl.floor(q * q_inv[:, None] + 0.5).to(gl.int8)
-        q_scale = gl.convert_layout(gl.div_rn(q_amax, one * 127.0) * score_scale, s_rows)
-        q_smem.store(q_i8)
-        fence_async_shared()
-        gl.thread_barrier()  # all of this warpgroup's Q rows are in shared memory
-        lse_shift = gl.zeros([ROWS_WG], gl.float32, s_rows)
-        if RETURN_LSE and SMOOTH_K:
-            k_mean = gl.load(Stats + bh_kv * DPAD + gl.arange(0, DPAD, layout=gl.SliceLayout(0, io_layout)))
-            lse_shift = gl.convert_layout(gl.sum(q * k_mean[None, :], axis=1) * sm_scale, s_rows)
-        return q_scale, lse_shift
+        for j in range(n_blocks):
+            slot = j % STAGES
+            # a fresh mbarrier counts as having completed the phase before phase 0
+            mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
+            bar = ready.index(slot)
+            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [(k_row + j * BLOCK_N).to(gl.int32), 0], bar, k_smem.index(slot))
+            tma.async_copy_global_to_shared(v_desc, [v_row.to(gl.int32), (kv_row0 + j * BLOCK_N).to(gl.int32)],
+                                            bar, v_smem.index(slot))
+            ks_smem.index(slot).store(gl.load(K_scale + k_row + j * BLOCK_N + halves))
+            gl.thread_barrier()  # whichever lane stored, before the arrival releases it
+            mbarrier.arrive(bar, count=1)
 
     @gluon.jit
     def _consumer(
-        CONSUMER: gl.constexpr, Q, stride_qb, stride_qh, stride_qn, stride_qd,
-        O, stride_ob, stride_oh, stride_on, stride_od, LSE, Stats,
-        q_raw, q_smem, k_smem, v_smem, ks_smem, ready, empty, turns,
-        score_scale, sm_scale, n_tiles_cta, H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, N_M, STATS_STRIDE,
-        causal_offset,
+        CONSUMER: gl.constexpr, Q, stride_qn, stride_qd, O, stride_on, stride_od, LSE, Stats,
+        q_smem, k_smem, v_smem, ks_smem, ready, empty, turns,
+        score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
+        N_Q, N_K, STATS_STRIDE, causal_offset,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
         RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr,
     ):
-        """Consumer warpgroup CONSUMER: rows [64 CONSUMER, 64 CONSUMER + 64) of each of the
-        CTA's tiles, over all their K/V blocks. Tiles follow each other without a gap on
-        the tensor cores: the last block's turn of a tile also issues the next tile's
-        first Q K^T, after the next tile's Q rows (copied into shared memory during the
-        tile) are quantized; the tile's output is stored after that turn."""
-        ROWS_WG: gl.constexpr = 64
+        """Consumer warpgroup CONSUMER: the 64 query rows from ``start_m``, over all
+        ``n_blocks`` K/V blocks of the CTA (``[0, lo_masked)`` need no mask). Q and O point
+        at this (batch, head)."""
+        ROWS: gl.constexpr = 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 32])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -392,121 +288,90 @@ if AVAILABLE:
         io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[256 // DPAD, DPAD // 8],
                                                    warps_per_cta=[4, 1], order=[1, 0])
         s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
         io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
         io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
         q_smem = q_smem.index(CONSUMER)
-        q_raw = q_raw.index(CONSUMER)
-        s_zero = gl.zeros([ROWS_WG, BLOCK_N], gl.int32, s_layout)
-        o_zero = gl.zeros([ROWS_WG, DPAD], gl.float32, o_layout)
-        p_zero = gl.zeros([ROWS_WG, BLOCK_N], gl.float8e4nv, p_layout)
+
+        # -- prologue: Q (any strides) -> INT8 with one scale per Q_GROUP rows --
+        offs_m_io = start_m + gl.arange(0, ROWS, layout=io_rows)
         offs_d_io = gl.arange(0, DPAD, layout=io_cols)
-        offs_d = gl.arange(0, DPAD, layout=gl.SliceLayout(0, o_layout))
-        row0 = ROWS_WG * CONSUMER
+        io_mask = (offs_m_io < N_Q)[:, None] & (offs_d_io < HEAD_DIM)[None, :]
+        q = gl.load(Q + offs_m_io[:, None] * stride_qn + offs_d_io[None, :] * stride_qd, mask=io_mask,
+                    other=0.0).to(gl.float32)
+        q_amax = gl.max(gl.abs(q), axis=1)
+        if Q_GROUP > 1:
+            grouped = gl.reshape(q_amax, [ROWS // Q_GROUP, Q_GROUP])
+            group_max = gl.max(grouped, axis=1)
+            grouped = gl.expand_dims(group_max, 1) + gl.zeros_like(grouped)
+            q_amax = gl.convert_layout(gl.reshape(grouped, [ROWS]), io_rows)
+        has_scale = q_amax > 0
+        one = gl.full([ROWS], 1.0, gl.float32, io_rows)
+        q_inv = gl.where(has_scale, gl.div_rn(one, gl.where(has_scale, q_amax, 1.0)) * 127.0, 0.0)
+        q_i8 = gl.floor(q * q_inv[:, None] + 0.5).to(gl.int8)
+        q_scale = gl.convert_layout(gl.div_rn(q_amax, one * 127.0) * score_scale, s_rows)
+        q_smem.store(q_i8)
+        fence_async_shared()
+        gl.thread_barrier()  # all of this warpgroup's Q rows are in shared memory
+        if RETURN_LSE and SMOOTH_K:  # the shift that K smoothing removed from every score
+            k_mean = gl.load(Stats + bh_kv * DPAD + offs_d_io)
+            lse_shift = gl.convert_layout(gl.sum(q * k_mean[None, :], axis=1) * sm_scale, s_rows)
 
-        # tile 0: its Q rows, its first Q K^T (turn 0); the rows of tile 1 start copying
-        b, h, bh, bh_kv, k_row, h_kv, kv_row0, start_m, n_blocks, lo_masked = _tile(
-            0, H_Q, KV_GROUP, N_K, N_K_PAD, ROWS, N_M, causal_offset, BLOCK_N, CAUSAL)
-        _copy_q(q_raw, Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, start_m + row0, N_Q,
-                HEAD_DIM, DPAD, io_layout)
-        nb, nh, nbh, nbh_kv, nk_row, nh_kv, nkv_row0, n_start_m, nn_blocks, nlo_masked = _tile(
-            1, H_Q, KV_GROUP, N_K, N_K_PAD, ROWS, N_M, causal_offset, BLOCK_N, CAUSAL)
-        q_scale, lse_shift = _prepare_q(q_raw, q_smem, Q, stride_qb, stride_qh, stride_qn, stride_qd, Stats, bh_kv,
-                                        nb, nh, n_start_m + row0, n_tiles_cta > 1, score_scale, sm_scale, N_Q,
-                                        HEAD_DIM, DPAD, Q_GROUP, SMOOTH_K, RETURN_LSE, io_layout, s_rows)
-        ring = 0  # ring position of the current tile's first K/V block
-        turn = 0  # turns this warpgroup has taken
-        s_int = s_zero
-        ks0 = score_scale * 0.0  # fp32 scalars, set with every Q K^T
-        ks1 = ks0
+        # -- main loop: turn 0 is block 0's Q K^T; iteration j is block j's softmax and
+        # turn j + 1 (last: P~ V only); unmasked blocks, masked blocks and the last block
+        # are separate code paths --
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, s_rows)
+        l_i = gl.zeros([ROWS], gl.float32, s_rows)
+        acc = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.int32, s_layout)
+        o_zero = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
+        offs_m = start_m + gl.arange(0, ROWS, layout=s_rows)
         if n_blocks > 0:
-            s_int, pv, ks0, ks1 = _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, 0, 0, 0, p_zero, ks0, ks1,
+            no_scale = score_scale * 0.0
+            s_int, pv, ks0, ks1 = _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, 0,
+                                            gl.zeros([ROWS, BLOCK_N], gl.float8e4nv, p_layout), 0, no_scale, no_scale,
                                             s_zero, o_zero, CONSUMER, STAGES, True, False)
-        turn = (n_blocks > 0).to(gl.int32)
+            last = n_blocks - 1
+            for j in range(0, gl.minimum(lo_masked, last)):
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
+                    CONSUMER, BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
+            for j in range(lo_masked, last):
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
+                    CONSUMER, BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
+            if last >= lo_masked:
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
+                    CONSUMER, BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
+            else:
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
+                    CONSUMER, BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
 
-        for i in range(n_tiles_cta):
-            # the current tile: coordinates, Q scales and, when it has K/V blocks, block
-            # 0's scores s_int and K scales; the next tile (n_blocks 0 when there is none)
-            nb, nh, nbh, nbh_kv, nk_row, nh_kv, nkv_row0, n_start_m, nn_blocks, nlo_masked = _tile(
-                i + 1, H_Q, KV_GROUP, N_K, N_K_PAD, ROWS, N_M, causal_offset, BLOCK_N, CAUSAL)
-            has_next = i + 1 < n_tiles_cta
-            nn_blocks = gl.where(has_next, nn_blocks, 0)
-            ab, ah, abh, abh_kv, ak_row, ah_kv, akv_row0, a_start_m, an_blocks, alo_masked = _tile(
-                i + 2, H_Q, KV_GROUP, N_K, N_K_PAD, ROWS, N_M, causal_offset, BLOCK_N, CAUSAL)
-            offs_m = start_m + row0 + gl.arange(0, ROWS_WG, layout=s_rows)
-            m_i = gl.full([ROWS_WG], float("-inf"), gl.float32, s_rows)
-            l_i = gl.zeros([ROWS_WG], gl.float32, s_rows)
-            acc = gl.zeros([ROWS_WG, DPAD], gl.float32, o_layout)
-            if n_blocks > 0:
-                # iteration j: block j's softmax and turn ``turn + j`` (block j's P~ V, block
-                # j + 1's Q K^T); unmasked blocks and masked blocks are separate code paths
-                last = n_blocks - 1
-                for j in range(0, gl.minimum(lo_masked, last)):
-                    s_int, ks0, ks1, acc, m_i, l_i = _block(
-                        j, ring, turn, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
-                        q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
-                        CONSUMER, BLOCK_N, STAGES, False, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
-                for j in range(lo_masked, last):
-                    s_int, ks0, ks1, acc, m_i, l_i = _block(
-                        j, ring, turn, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
-                        q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
-                        CONSUMER, BLOCK_N, STAGES, True, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
-                # the last block (masked path: it masks what it must) and the next tile's Q
-                p8, alpha, m_i, l_i = _softmax(s_int, last, q_scale, ks0, ks1, m_i, l_i, offs_m, N_K, causal_offset,
-                                               BLOCK_N, True, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
-                next_q_scale, next_lse_shift = q_scale, lse_shift
-                if has_next:
-                    next_q_scale, next_lse_shift = _prepare_q(
-                        q_raw, q_smem, Q, stride_qb, stride_qh, stride_qn, stride_qd, Stats, nbh_kv,
-                        ab, ah, a_start_m + row0, i + 2 < n_tiles_cta, score_scale, sm_scale, N_Q,
-                        HEAD_DIM, DPAD, Q_GROUP, SMOOTH_K, RETURN_LSE, io_layout, s_rows)
-                if nn_blocks > 0:  # this turn also starts the next tile
-                    s_int, pv, ks0, ks1 = _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, turn + last,
-                                                    ring + n_blocks, ring + last, p8, ks0, ks1, s_zero, o_zero,
-                                                    CONSUMER, STAGES, True, True)
-                else:
-                    s_int, pv, ks0, ks1 = _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, turn + last,
-                                                    ring + n_blocks, ring + last, p8, ks0, ks1, s_zero, o_zero,
-                                                    CONSUMER, STAGES, False, True)
-                acc = acc * alpha[:, None] + pv
-                mbarrier.arrive(empty.index((ring + last) % STAGES), count=1)
-                turn += n_blocks
-            else:  # no key for any row of this tile: only the next tile's start
-                next_q_scale, next_lse_shift = q_scale, lse_shift
-                if has_next:
-                    next_q_scale, next_lse_shift = _prepare_q(
-                        q_raw, q_smem, Q, stride_qb, stride_qh, stride_qn, stride_qd, Stats, nbh_kv,
-                        ab, ah, a_start_m + row0, i + 2 < n_tiles_cta, score_scale, sm_scale, N_Q,
-                        HEAD_DIM, DPAD, Q_GROUP, SMOOTH_K, RETURN_LSE, io_layout, s_rows)
-                if nn_blocks > 0:
-                    s_int, pv, ks0, ks1 = _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, turn, ring, ring,
-                                                    p_zero, ks0, ks1, s_zero, o_zero, CONSUMER, STAGES, True, False)
-                    turn += 1
-
-            # -- epilogue: acc / l, undo the V scales; rows with no key give 0 --
-            empty_row = l_i == 0.0
-            l_safe = gl.where(empty_row, 1.0, l_i)
-            # both carry 448: it cancels
-            out = acc * gl.convert_layout(1.0 / l_safe, o_rows)[:, None]
-            v_scale = gl.load(Stats + STATS_STRIDE + bh_kv * DPAD + offs_d)  # amax / 448
-            out = out * v_scale[None, :]
-            if SMOOTH_V:
-                v_mean = gl.load(Stats + 2 * STATS_STRIDE + bh_kv * DPAD + offs_d)
-                out = out + v_mean[None, :]
-            out = gl.where(gl.convert_layout(empty_row, o_rows)[:, None], 0.0, out)
-            out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
-            offs_m_io = start_m + row0 + gl.arange(0, ROWS_WG, layout=io_rows)
-            io_mask = (offs_m_io < N_Q)[:, None] & (offs_d_io < HEAD_DIM)[None, :]
-            gl.store(O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + offs_m_io[:, None] * stride_on
-                     + offs_d_io[None, :] * stride_od, out, mask=io_mask)
-            if RETURN_LSE:
-                lse = (m_i + (gl.log2(l_safe) - P_SHIFT)) * 0.6931471805599453 + lse_shift
-                lse = gl.where(empty_row, float("-inf"), lse)
-                gl.store(LSE + bh.to(gl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
-
-            ring += n_blocks
-            b, h, bh, bh_kv, k_row, start_m, n_blocks, lo_masked = nb, nh, nbh, nbh_kv, nk_row, n_start_m, nn_blocks, nlo_masked
-            q_scale, lse_shift = next_q_scale, next_lse_shift
+        # -- epilogue: acc / l, undo the V scales; rows with no key give 0 --
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        offs_d = gl.arange(0, DPAD, layout=gl.SliceLayout(0, o_layout))
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        out = acc * gl.convert_layout(1.0 / l_safe, o_rows)[:, None]  # both carry 448: it cancels
+        v_scale = gl.load(Stats + STATS_STRIDE + bh_kv * DPAD + offs_d)  # amax / 448
+        out = out * v_scale[None, :]
+        if SMOOTH_V:
+            v_mean = gl.load(Stats + 2 * STATS_STRIDE + bh_kv * DPAD + offs_d)
+            out = out + v_mean[None, :]
+        out = gl.where(gl.convert_layout(empty_row, o_rows)[:, None], 0.0, out)
+        out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
+        gl.store(O + offs_m_io[:, None] * stride_on + offs_d_io[None, :] * stride_od, out, mask=io_mask)
+        if RETURN_LSE:
+            lse = (m_i + (gl.log2(l_safe) - P_SHIFT)) * 0.6931471805599453
+            if SMOOTH_K:
+                lse = lse + lse_shift
+            lse = gl.where(empty_row, float("-inf"), lse)
+            gl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
     @gluon.jit
     def _sage_fwd_sm90(
@@ -515,26 +380,40 @@ if AVAILABLE:
         O, stride_ob, stride_oh, stride_on, stride_od,
         LSE,
         score_scale, sm_scale,
-        H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, N_M, N_TILES, STATS_STRIDE, causal_offset,
+        H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, STATS_STRIDE, causal_offset,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
         RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """Persistent: CTA c runs tiles c, ... of the N_TILES = N_M * B * Hq (see _tile)."""
         gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
-        cta = gl.program_id(0)
-        n_cta = gl.num_programs(0)
-        # every pass over the grid but the last is full; in the last, the snake order
-        # gives tile (passes - 1) * n_cta + position
-        passes = gl.cdiv(N_TILES, n_cta)
-        last_position = gl.where((passes - 1) % 2 == 0, cta, n_cta - 1 - cta)
-        n_tiles_cta = passes - ((passes - 1) * n_cta + last_position >= N_TILES).to(gl.int32)
+        BLOCK_M: gl.constexpr = 128
+        pid_m = gl.program_id(0)
+        if CAUSAL:  # the longest rows (most K/V blocks) first: a shorter tail
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        bh = gl.program_id(1).to(gl.int64)
+        b = bh // H_Q
+        h = bh % H_Q
+        bh_kv = bh // KV_GROUP  # GQA/MQA: q head h reads kv head h // (Hq // Hkv)
+        h_kv = h // KV_GROUP
+        start_m = pid_m * BLOCK_M
+
+        # K/V blocks [0, lo_masked) need no mask for any row of the CTA; both consumers
+        # run all n_blocks (they must take the same number of turns)
+        kv_row0 = b * N_K_PAD
+        k_row = h_kv * ROWS + kv_row0  # this sequence's first token in the 2-D descriptors
+        v_row = h_kv * DPAD
+        n_full = N_K // BLOCK_N
+        if CAUSAL:  # key j is kept for row i iff j <= i + causal_offset
+            hi = gl.minimum(N_K, gl.maximum(start_m + BLOCK_M + causal_offset, 0))
+            lo_masked = gl.minimum(n_full, gl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N)
+        else:
+            hi = N_K
+            lo_masked = n_full
+        n_blocks = gl.cdiv(hi, BLOCK_N)
 
         k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, DPAD], k_desc.layout)
         v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, DPAD, BLOCK_N], v_desc.layout)
         q_smem = gl.allocate_shared_memory(gl.int8, [2, 64, DPAD], k_desc.layout)
-        q_raw = gl.allocate_shared_memory(Q.dtype.element_ty, [2, 64, DPAD],
-                                          gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
         ks_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2],  # the layout of one slot
                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -546,39 +425,22 @@ if AVAILABLE:
         for i in gl.static_range(2):
             mbarrier.init(turns.index(i), count=1)
 
+        q_base = Q + b * stride_qb + h * stride_qh
+        o_base = O + b * stride_ob + h * stride_oh
         gl.warp_specialize([
-            (_consumer, (0, Q, stride_qb, stride_qh, stride_qn, stride_qd, O, stride_ob, stride_oh, stride_on, stride_od,
-                         LSE, Stats, q_raw, q_smem, k_smem, v_smem, ks_smem, ready, empty, turns,
-                         score_scale, sm_scale, n_tiles_cta, H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, N_M,
-                         STATS_STRIDE, causal_offset,
+            (_consumer, (0, q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
+                         q_smem, k_smem, v_smem, ks_smem, ready, empty, turns,
+                         score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
+                         N_Q, N_K, STATS_STRIDE, causal_offset,
                          HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
-            (_consumer, (1, Q, stride_qb, stride_qh, stride_qn, stride_qd, O, stride_ob, stride_oh, stride_on, stride_od,
-                         LSE, Stats, q_raw, q_smem, k_smem, v_smem, ks_smem, ready, empty, turns,
-                         score_scale, sm_scale, n_tiles_cta, H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, N_M,
-                         STATS_STRIDE, causal_offset,
+            (_consumer, (1, q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
+                         q_smem, k_smem, v_smem, ks_smem, ready, empty, turns,
+                         score_scale, sm_scale, bh, bh_kv, start_m + 64, n_blocks, lo_masked,
+                         N_Q, N_K, STATS_STRIDE, causal_offset,
                          HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
-            (_producer, (k_desc, v_desc, K_scale, k_smem, v_smem, ks_smem, ready, empty, n_tiles_cta, H_Q, KV_GROUP, N_K, N_K_PAD,
-                         ROWS, N_M, causal_offset, DPAD, BLOCK_N, STAGES, CAUSAL)),
+            (_producer, (k_desc, v_desc, K_scale, k_smem, v_smem, ks_smem, ready, empty, n_blocks, k_row, v_row, kv_row0,
+                         BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
-
-
-def reads_q(q: "torch.Tensor") -> bool:
-    """Whether the kernel's asynchronous Q copy (16-byte ``cp.async``) can read ``q``
-    ([B, H, N, D]): unit column stride, the other strides multiples of 16 elements (what
-    Triton's specialization proves aligned), a 16-byte aligned start, D a multiple of 8."""
-    return (q.stride(3) == 1 and all(s % 16 == 0 for s in q.stride()[:3]) and q.data_ptr() % 16 == 0
-            and q.shape[3] % 8 == 0)
-
-
-_sm_counts: dict[int, int] = {}
-
-
-def _sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device, cached (asked on every call)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
 
 
 def kv_descriptors(kv, block_n: int):
@@ -602,13 +464,7 @@ def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig,
     rows = kv.k_q.shape[1]
     k_desc, v_desc = kv_descriptors(kv, tiles.BLOCK_N)
     causal = causal_offset is not None
-    n_m = triton.cdiv(nq, tiles.BLOCK_M)
-    n_tiles = n_m * batch * hq
-    # Persistent (one CTA per SM, several tiles each) without a mask; causal, one CTA per
-    # tile, which the hardware hands out to SMs as they free up (heaviest first): the
-    # tiles of a persistent CTA differ in length there and measured 20% slower
-    # (docs/kernel_notes.md, session 7).
-    grid = (n_tiles if causal else min(n_tiles, _sm_count(q.device)), )
+    grid = (triton.cdiv(nq, tiles.BLOCK_M), batch * hq)
     # 4 + 4 + 1 (padded to 4) warps at 168 registers fill the SM's 64K; setmaxnreg then
     # moves them to 240 per consumer thread and 24 per producer thread
     _sage_fwd_sm90[grid](
@@ -616,8 +472,7 @@ def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig,
         out, *out_strides,
         lse if lse is not None else out,
         score_scale, sm_scale,
-        hq, hq // hkv, nq, nk, rows // batch, rows, n_m, n_tiles, batch * hkv * dpad,
-        int(causal_offset) if causal else 0,
+        hq, hq // hkv, nq, nk, rows // batch, rows, batch * hkv * dpad, int(causal_offset) if causal else 0,
         HEAD_DIM=head_dim, DPAD=dpad, BLOCK_N=tiles.BLOCK_N, Q_GROUP=config.q_group, STAGES=tiles.STAGES,
         CAUSAL=causal, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, RETURN_LSE=lse is not None,
         P_SHIFT=p_shift, CONSUMER_REGS=240, num_warps=4, maxnreg=168,
