@@ -34,11 +34,13 @@ cases = [(2, 8, 2, 1000, 1000, 128, None, 4.0, 1.0, False), (2, 8, 2, 1000, 1000
          (1, 4, 4, 257, 300, 64, 43, 8.0, 1.0, True), (1, 4, 1, 300, 129, 128, None, 0.0, 1.0, False),
          (1, 4, 4, 64, 4000, 72, 3936, 0.0, 1.0, True), (1, 4, 4, 3000, 100, 128, -50, 0.0, 1.0, True),
          (2, 4, 4, 4096, 4096, 128, None, 0.0, 1.0, False), (1, 2, 2, 2048, 2048, 128, 0, 0.0, 1e3, True),
-         (3, 40, 8, 777, 777, 64, 0, 2.0, 1.0, False), (1, 3, 3, 5000, 5000, 128, None, 0.0, 1.0, False), (2, 2, 1, 130, 2000, 128, 1870, 1.0, 1.0, True)]
+         (3, 40, 8, 777, 777, 64, 0, 2.0, 1.0, False), (1, 3, 3, 5000, 5000, 128, None, 0.0, 1.0, False),
+         (2, 2, 1, 130, 2000, 128, 1870, 1.0, 1.0, True)]
 for b, hq, hkv, nq, nk, d, offset, k_bias, mag, nhd in cases:
     g = torch.Generator(device="cuda").manual_seed(nq + nk + d)
     q = torch.randn(b, hq, nq, d, device="cuda", generator=g) * mag
-    k = torch.randn(b, hkv, nk, d, device="cuda", generator=g) * mag + k_bias * torch.randn(d, device="cuda", generator=g)
+    k = torch.randn(b, hkv, nk, d, device="cuda", generator=g) * mag
+    k = k + k_bias * torch.randn(d, device="cuda", generator=g)
     v = torch.randn(b, hkv, nk, d, device="cuda", generator=g) * mag
     q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     if nhd:
@@ -52,7 +54,9 @@ for b, hq, hkv, nq, nk, d, offset, k_bias, mag, nhd in cases:
         attn.attention_sm90 = new
         same = reference.sage_attention(q, k, v, cfg, causal_offset=offset, block_kv=128)
         exact, _ = reference.exact_attention(q, k, v, causal_offset=offset, dtype=torch.float32)
-        row.update(diff_vs_old=(out.float() - o_old.float()).abs().max().item(), rel_vs_old=metrics.relative_l1(out.float(), o_old.float()), kernel=attn.kernel_name(cfg, d, offset is not None, q.device),
+        row.update(diff_vs_old=(out.float() - o_old.float()).abs().max().item(),
+                   rel_vs_old=metrics.relative_l1(out.float(), o_old.float()),
+                   kernel=attn.kernel_name(cfg, d, offset is not None, q.device),
                    lse_vs_old=(lse - lse_old).nan_to_num(0.0, 0.0, 0.0).abs().max().item(),
                    diff_vs_ref=(out.float() - same.float()).abs().max().item(),
                    finite=bool(torch.isfinite(out).all()), acc=metrics.accuracy(out.float(), exact))

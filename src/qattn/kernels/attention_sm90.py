@@ -198,9 +198,10 @@ if AVAILABLE:
         """This warpgroup's turn number ``turn`` on the tensor cores: issue block
         ``pv_block``'s P~ V and (ISSUE_QK) block ``turn``'s Q K^T, wait for both, then pass
         the turn. With the Q K^T, the block's two K scales are read from shared memory
-        (``ks0``, ``ks1`` are returned unchanged otherwise). Handing over only when both are done keeps the two warpgroups' products
-        from sharing the tensor cores, so each one's softmax runs under the other's
-        (passing it at issue measured 6% slower, docs/kernel_notes.md)."""
+        (``ks0``, ``ks1`` are returned unchanged otherwise). Handing over only when both
+        are done keeps the two warpgroups' products from sharing the tensor cores, so each
+        one's softmax runs under the other's (passing it at issue measured 6% slower,
+        docs/kernel_notes.md)."""
         # consumer 0 takes turns 0, 1, ... each after consumer 1's previous one; its first
         # wait passes on a fresh barrier (phase parity 1 counts as complete)
         mbarrier.wait(turns.index(CONSUMER), (turn & 1) ^ (1 - CONSUMER))
@@ -326,7 +327,7 @@ if AVAILABLE:
         o_zero = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
         offs_m = start_m + gl.arange(0, ROWS, layout=s_rows)
         if n_blocks > 0:
-            no_scale = score_scale * 0.0
+            no_scale = score_scale * 0.0  # fp32 scalars for the K scales that turn 0 reads
             s_int, pv, ks0, ks1 = _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, 0,
                                             gl.zeros([ROWS, BLOCK_N], gl.float8e4nv, p_layout), 0, no_scale, no_scale,
                                             s_zero, o_zero, CONSUMER, STAGES, True, False)
@@ -438,7 +439,8 @@ if AVAILABLE:
                          score_scale, sm_scale, bh, bh_kv, start_m + 64, n_blocks, lo_masked,
                          N_Q, N_K, STATS_STRIDE, causal_offset,
                          HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
-            (_producer, (k_desc, v_desc, K_scale, k_smem, v_smem, ks_smem, ready, empty, n_blocks, k_row, v_row, kv_row0,
+            (_producer, (k_desc, v_desc, K_scale, k_smem, v_smem, ks_smem, ready, empty, n_blocks, k_row, v_row,
+                         kv_row0,
                          BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
