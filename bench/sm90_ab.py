@@ -52,7 +52,8 @@ for b, hq, hkv, nq, nk, d, offset, k_bias, mag, nhd in cases:
         attn.attention_sm90 = old
         o_old, lse_old = attn.attention_forward(q, k, v, cfg, sm_scale=None, causal_offset=offset, return_lse=True)
         attn.attention_sm90 = new
-        same = reference.sage_attention(q, k, v, cfg, causal_offset=offset, block_kv=128)
+        same = reference.sage_attention(q, k, v, cfg, causal_offset=offset,
+                                        block_kv=attn.softmax_block(cfg, d, offset is not None, q.device))
         exact, _ = reference.exact_attention(q, k, v, causal_offset=offset, dtype=torch.float32)
         row.update(diff_vs_old=(out.float() - o_old.float()).abs().max().item(),
                    rel_vs_old=metrics.relative_l1(out.float(), o_old.float()),
