@@ -6,6 +6,7 @@
     PYTHONPATH=src python3 bench/kernel_sweep.py tma     # TMA descriptor loads vs pointer loads
     PYTHONPATH=src python3 bench/kernel_sweep.py sm90checks  # Gluon sm_90 kernel vs portable and fp32
     PYTHONPATH=src python3 bench/kernel_sweep.py sm90    # Gluon sm_90 kernel: tiles, vs portable, SDPA
+        (lengths from QATTN_SWEEP_N, e.g. 2048,8192; default 1024,4096,16384)
     PYTHONPATH=src python3 bench/kernel_sweep.py quant   # K/V quantization launch variants
 
 Whole call timed (K/V quantization launch included), triton.testing.do_bench median.
@@ -320,10 +321,11 @@ def sm90():
     HC = attention_sm90.HopperConfig
     attention_sm90.MIN_WORK = 0
     variants = {128: [HC(128, 3), HC(64, 4)], 64: [HC(128, 3), HC(64, 4)]}
+    lengths = [int(n) for n in os.environ.get("QATTN_SWEEP_N", "1024,4096,16384").split(",")]
     print("| D | causal | N | tiles | gluon whole | gluon kernel | portable whole | cuDNN | flash | gluon/cuDNN |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for d in (128, 64):
-        for n in (1024, 4096, 16384):
+        for n in lengths:
             B = 1 if n >= 16384 else 4
             q, k, v = inputs(n, d)
             for causal in (False, True):

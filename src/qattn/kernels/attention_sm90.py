@@ -2,20 +2,24 @@
 
 The algorithm of :func:`qattn.kernels.attention._attn_fwd_kernel` for the cases it takes
 (INT8 QK^T, FP8 P~V with two-level fp32 accumulation, no user mask, dense batches),
-written against the hardware instead of through ``tl.dot``. A CTA has 128 query rows and
-three partitions (``gl.warp_specialize``):
+written against the hardware instead of through ``tl.dot``. A CTA has 64 query rows and
+two partitions (``gl.warp_specialize``):
 
 * a producer warp (24 registers) that TMA-loads K (INT8, ``[BLOCK_N, DPAD]``) and V^T
   (FP8, ``[DPAD, BLOCK_N]``) tiles, and stores the block's two K scales, into a ring of
   ``STAGES`` shared-memory slots: an mbarrier per slot says "ready" (TMA byte count and
-  the scales' arrival) and one says "empty" (both consumers have finished with it);
-* two consumer warpgroups (240 registers each), 64 query rows each, that quantize their Q
-  rows to INT8 in shared memory, then per K/V block run the softmax and take turns on the
-  tensor cores: in its turn a warpgroup issues its ``P~ V`` (FP8, P~ from registers, fresh
-  fp32 tile) and the next block's ``Q K^T`` (INT8 -> int32) as async ``wgmma`` and waits for
-  them; the turn passes (an mbarrier per warpgroup) when both are done, so one
-  warpgroup's softmax runs under the other's matrix products (FlashAttention-3's
-  ping-pong).
+  the scales' arrival) and one says "empty" (the consumer has finished with it);
+* a consumer warpgroup (232 registers) that quantizes its Q rows to INT8 in shared
+  memory, then per K/V block runs the softmax, issues the block's ``P~ V`` (FP8, P~ from
+  registers, fresh fp32 tile) and the next block's ``Q K^T`` (INT8 -> int32) as async
+  ``wgmma`` and waits for them.
+
+Two CTAs share an SM (32K registers and ~113 KB of shared memory each), so one CTA's
+softmax runs under the other's matrix products, as the two consumer warpgroups of
+FlashAttention-3's ping-pong do, and one CTA's Q prologue and epilogue run under the
+other's main loop, which a ping-pong inside one CTA cannot hide (docs/kernel_notes.md,
+session 8: 1.0-1.24x the two-warpgroup CTA's speed below 16k keys, D=64 1.05-1.13x,
+0.985x at 16k).
 
 The softmax is written for instruction count (docs/kernel_notes.md, session 5): the two
 K scales of a block fold into the row scale (one FMA per score), row reductions are
@@ -56,12 +60,11 @@ __all__ = ["AVAILABLE", "TESTED_TRITON", "HopperConfig", "hopper_config", "kv_de
 
 class HopperConfig:
     """Tiles of the Gluon kernel: BLOCK_N keys per block (the online-softmax block, as the
-    reference's block_kv) and STAGES K/V slots in flight. A CTA always has BLOCK_M = 128
-    query rows, two consumer warpgroups of Q_ROWS = 64."""
+    reference's block_kv) and STAGES K/V slots in flight. A CTA always has BLOCK_M = 64
+    query rows, quantized together (Q_ROWS: a Q group must fit)."""
 
     __slots__ = ("BLOCK_N", "STAGES")
-    BLOCK_M = 128
-    Q_ROWS = 64  # rows quantized together by one warpgroup: a Q group must fit
+    BLOCK_M = Q_ROWS = 64
 
     def __init__(self, BLOCK_N: int, STAGES: int):
         self.BLOCK_N, self.STAGES = BLOCK_N, STAGES
@@ -71,8 +74,9 @@ class HopperConfig:
 
 
 # (padded head dim, causal) -> tiles, measured on an H100 (bench/kernel_sweep.py sm90,
-# docs/kernel_notes.md, session 5): BLOCK_N = 128 with 3 stages beats 4 stages and
-# BLOCK_N = 64 at D = 128 and D = 64, causal and not.
+# docs/kernel_notes.md, session 5, with two consumer warpgroups per CTA): BLOCK_N = 128
+# with 3 stages beats 4 stages and BLOCK_N = 64 at D = 128 and D = 64, causal and not.
+# Two CTAs of 3 stages fill an SM's shared memory.
 _CONFIGS = {
     (64, False): HopperConfig(128, 3),
     (64, True): HopperConfig(128, 3),
@@ -193,21 +197,14 @@ if AVAILABLE:
         return gl.sum(gl.where(half == 0, ks, 0.0), axis=0), gl.sum(gl.where(half == 1, ks, 0.0), axis=0)
 
     @gluon.jit
-    def _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, turn, p8, pv_block, ks0, ks1, s_zero, o_zero,
-                  CONSUMER: gl.constexpr, STAGES: gl.constexpr, ISSUE_QK: gl.constexpr, ISSUE_PV: gl.constexpr):
-        """This warpgroup's turn number ``turn`` on the tensor cores: issue block
-        ``pv_block``'s P~ V and (ISSUE_QK) block ``turn``'s Q K^T, wait for both, then pass
-        the turn. With the Q K^T, the block's two K scales are read from shared memory
-        (``ks0``, ``ks1`` are returned unchanged otherwise). Handing over only when both
-        are done keeps the two warpgroups' products from sharing the tensor cores, so each
-        one's softmax runs under the other's (passing it at issue measured 6% slower,
-        docs/kernel_notes.md)."""
-        # consumer 0 takes turns 0, 1, ... each after consumer 1's previous one; its first
-        # wait passes on a fresh barrier (phase parity 1 counts as complete)
-        mbarrier.wait(turns.index(CONSUMER), (turn & 1) ^ (1 - CONSUMER))
+    def _mma(q_smem, k_smem, v_smem, ks_smem, ready, qk_block, p8, pv_block, ks0, ks1, s_zero, o_zero,
+             STAGES: gl.constexpr, ISSUE_QK: gl.constexpr, ISSUE_PV: gl.constexpr):
+        """Issue block ``pv_block``'s P~ V and (ISSUE_QK) block ``qk_block``'s Q K^T on the
+        tensor cores and wait for both. With the Q K^T, the block's two K scales are read
+        from shared memory (``ks0``, ``ks1`` are returned unchanged otherwise)."""
         if ISSUE_QK:
-            slot = turn % STAGES
-            mbarrier.wait(ready.index(slot), (turn // STAGES) & 1)
+            slot = qk_block % STAGES
+            mbarrier.wait(ready.index(slot), (qk_block // STAGES) & 1)
             ks0, ks1 = _k_scales(ks_smem.index(slot))
             s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         if ISSUE_PV:
@@ -221,24 +218,23 @@ if AVAILABLE:
         else:
             pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
             s_int = s_zero
-        mbarrier.arrive(turns.index(1 - CONSUMER), count=1)
         return s_int, pv, ks0, ks1
 
     @gluon.jit
     def _block(j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
-               q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
-               CONSUMER: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
+               q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr,
                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-        """Block j: softmax of its scores ``s_int`` (K scales ``ks0``, ``ks1``), then turn
-        j + 1 (its P~ V and, with ISSUE_NEXT, block j + 1's Q K^T, whose scores and K scales
-        are returned), then the accumulator update and the release of its K/V slot.
+        """Block j: softmax of its scores ``s_int`` (K scales ``ks0``, ``ks1``), then its
+        P~ V and, with ISSUE_NEXT, block j + 1's Q K^T (whose scores and K scales are
+        returned), then the accumulator update and the release of its K/V slot.
         P~ is consumed in the iteration that makes it: carried across iterations, its FP8
         bytes were unpacked and repacked (~200 instructions per block)."""
         p8, alpha, m_i, l_i = _softmax(s_int, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
                                        BLOCK_N, MASKED, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
-        s_int, pv, ks0, ks1 = _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, j + 1, p8, j, ks0, ks1,
-                                        s_zero, o_zero, CONSUMER, STAGES, ISSUE_NEXT, True)
+        s_int, pv, ks0, ks1 = _mma(q_smem, k_smem, v_smem, ks_smem, ready, j + 1, p8, j, ks0, ks1, s_zero, o_zero,
+                                   STAGES, ISSUE_NEXT, True)
         acc = acc * alpha[:, None] + pv  # one FMA per element (two-level accumulation)
         mbarrier.arrive(empty.index(j % STAGES), count=1)
         return s_int, ks0, ks1, acc, m_i, l_i
@@ -247,10 +243,9 @@ if AVAILABLE:
     def _producer(k_desc, v_desc, K_scale, k_smem, v_smem, ks_smem, ready, empty, n_blocks, k_row, v_row, kv_row0,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """One warp: TMA every K/V block of the CTA into the ring, into a slot as soon as
-        both consumers have released it (``empty`` completes on two arrivals). The
-        block's two K scales go into the slot too, after the TMA is issued (so that their
-        load latency overlaps it), with a second arrival on ``ready``: the consumers then
-        read no global memory per block."""
+        the consumer has released it. The block's two K scales go into the slot too, after
+        the TMA is issued (so that their load latency overlaps it), with a second arrival
+        on ``ready``: the consumer then reads no global memory per block."""
         halves_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32], warps_per_cta=[1],
                                                        order=[0])
         halves = gl.arange(0, 2, layout=halves_layout) * (BLOCK_N // 2)
@@ -269,15 +264,15 @@ if AVAILABLE:
 
     @gluon.jit
     def _consumer(
-        CONSUMER: gl.constexpr, Q, stride_qn, stride_qd, O, stride_on, stride_od, LSE, Stats,
-        q_smem, k_smem, v_smem, ks_smem, ready, empty, turns,
+        Q, stride_qn, stride_qd, O, stride_on, stride_od, LSE, Stats,
+        q_smem, k_smem, v_smem, ks_smem, ready, empty,
         score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
         N_Q, N_K, STATS_STRIDE, causal_offset,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
         RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr,
     ):
-        """Consumer warpgroup CONSUMER: the 64 query rows from ``start_m``, over all
+        """The consumer warpgroup: the 64 query rows from ``start_m``, over all
         ``n_blocks`` K/V blocks of the CTA (``[0, lo_masked)`` need no mask). Q and O point
         at this (batch, head)."""
         ROWS: gl.constexpr = 64
@@ -291,7 +286,6 @@ if AVAILABLE:
         s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
         io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
         io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
-        q_smem = q_smem.index(CONSUMER)
 
         # -- prologue: Q (any strides) -> INT8 with one scale per Q_GROUP rows --
         offs_m_io = start_m + gl.arange(0, ROWS, layout=io_rows)
@@ -317,9 +311,9 @@ if AVAILABLE:
             k_mean = gl.load(Stats + bh_kv * DPAD + offs_d_io)
             lse_shift = gl.convert_layout(gl.sum(q * k_mean[None, :], axis=1) * sm_scale, s_rows)
 
-        # -- main loop: turn 0 is block 0's Q K^T; iteration j is block j's softmax and
-        # turn j + 1 (last: P~ V only); unmasked blocks, masked blocks and the last block
-        # are separate code paths --
+        # -- main loop: block 0's Q K^T first; iteration j is block j's softmax, its P~ V and
+        # block j + 1's Q K^T (last: P~ V only); unmasked blocks, masked blocks and the last
+        # block are separate code paths --
         m_i = gl.full([ROWS], float("-inf"), gl.float32, s_rows)
         l_i = gl.zeros([ROWS], gl.float32, s_rows)
         acc = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
@@ -327,31 +321,31 @@ if AVAILABLE:
         o_zero = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
         offs_m = start_m + gl.arange(0, ROWS, layout=s_rows)
         if n_blocks > 0:
-            no_scale = score_scale * 0.0  # fp32 scalars for the K scales that turn 0 reads
-            s_int, pv, ks0, ks1 = _mma_turn(q_smem, k_smem, v_smem, ks_smem, ready, turns, 0,
-                                            gl.zeros([ROWS, BLOCK_N], gl.float8e4nv, p_layout), 0, no_scale, no_scale,
-                                            s_zero, o_zero, CONSUMER, STAGES, True, False)
+            no_scale = score_scale * 0.0  # fp32 scalars for the K scales that the first _mma reads
+            s_int, pv, ks0, ks1 = _mma(q_smem, k_smem, v_smem, ks_smem, ready, 0,
+                                       gl.zeros([ROWS, BLOCK_N], gl.float8e4nv, p_layout), 0, no_scale, no_scale,
+                                       s_zero, o_zero, STAGES, True, False)
             last = n_blocks - 1
             for j in range(0, gl.minimum(lo_masked, last)):
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
-                    q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
-                    CONSUMER, BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
+                    BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
             for j in range(lo_masked, last):
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
-                    q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
-                    CONSUMER, BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
+                    BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
             if last >= lo_masked:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
-                    q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
-                    CONSUMER, BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
+                    BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
             else:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
-                    q_smem, k_smem, v_smem, ks_smem, ready, empty, turns, s_zero, o_zero,
-                    CONSUMER, BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
+                    BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
 
         # -- epilogue: acc / l, undo the V scales; rows with no key give 0 --
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -384,10 +378,10 @@ if AVAILABLE:
         H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, STATS_STRIDE, causal_offset,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
-        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, num_warps: gl.constexpr,
     ):
-        gl.static_assert(num_warps == 4, "the default partition is consumer warpgroup 0")
-        BLOCK_M: gl.constexpr = 128
+        gl.static_assert(num_warps == 4, "the default partition is the consumer warpgroup")
+        BLOCK_M: gl.constexpr = 64
         pid_m = gl.program_id(0)
         if CAUSAL:  # the longest rows (most K/V blocks) first: a shorter tail
             pid_m = gl.num_programs(0) - 1 - pid_m
@@ -398,8 +392,7 @@ if AVAILABLE:
         h_kv = h // KV_GROUP
         start_m = pid_m * BLOCK_M
 
-        # K/V blocks [0, lo_masked) need no mask for any row of the CTA; both consumers
-        # run all n_blocks (they must take the same number of turns)
+        # K/V blocks [0, lo_masked) need no mask for any row of the CTA
         kv_row0 = b * N_K_PAD
         k_row = h_kv * ROWS + kv_row0  # this sequence's first token in the 2-D descriptors
         v_row = h_kv * DPAD
@@ -414,35 +407,27 @@ if AVAILABLE:
 
         k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, DPAD], k_desc.layout)
         v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, DPAD, BLOCK_N], v_desc.layout)
-        q_smem = gl.allocate_shared_memory(gl.int8, [2, 64, DPAD], k_desc.layout)
+        q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, DPAD], k_desc.layout)
         ks_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2],  # the layout of one slot
                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=2)  # the TMA bytes' arrival and the K scales' one
-            mbarrier.init(empty.index(i), count=2)
-        for i in gl.static_range(2):
-            mbarrier.init(turns.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
 
         q_base = Q + b * stride_qb + h * stride_qh
         o_base = O + b * stride_ob + h * stride_oh
         gl.warp_specialize([
-            (_consumer, (0, q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
-                         q_smem, k_smem, v_smem, ks_smem, ready, empty, turns,
+            (_consumer, (q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
+                         q_smem, k_smem, v_smem, ks_smem, ready, empty,
                          score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
-                         N_Q, N_K, STATS_STRIDE, causal_offset,
-                         HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
-            (_consumer, (1, q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
-                         q_smem, k_smem, v_smem, ks_smem, ready, empty, turns,
-                         score_scale, sm_scale, bh, bh_kv, start_m + 64, n_blocks, lo_masked,
                          N_Q, N_K, STATS_STRIDE, causal_offset,
                          HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
             (_producer, (k_desc, v_desc, K_scale, k_smem, v_smem, ks_smem, ready, empty, n_blocks, k_row, v_row,
                          kv_row0,
                          BLOCK_N, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+        ], [1], [24])
 
 
 def kv_descriptors(kv, block_n: int):
@@ -467,8 +452,8 @@ def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig,
     k_desc, v_desc = kv_descriptors(kv, tiles.BLOCK_N)
     causal = causal_offset is not None
     grid = (triton.cdiv(nq, tiles.BLOCK_M), batch * hq)
-    # 4 + 4 + 1 (padded to 4) warps at 168 registers fill the SM's 64K; setmaxnreg then
-    # moves them to 240 per consumer thread and 24 per producer thread
+    # 4 + 1 (padded to 4) warps at 128 registers take half the SM's 64K, so two CTAs fit;
+    # setmaxnreg then moves them to 232 per consumer thread and 24 per producer thread
     _sage_fwd_sm90[grid](
         q, *q_strides, k_desc, v_desc, kv.k_scale, kv.stats,
         out, *out_strides,
@@ -477,5 +462,5 @@ def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig,
         hq, hq // hkv, nq, nk, rows // batch, rows, batch * hkv * dpad, int(causal_offset) if causal else 0,
         HEAD_DIM=head_dim, DPAD=dpad, BLOCK_N=tiles.BLOCK_N, Q_GROUP=config.q_group, STAGES=tiles.STAGES,
         CAUSAL=causal, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, RETURN_LSE=lse is not None,
-        P_SHIFT=p_shift, CONSUMER_REGS=240, num_warps=4, maxnreg=168,
+        P_SHIFT=p_shift, num_warps=4, maxnreg=128,
     )
