@@ -76,7 +76,7 @@ class HopperConfig:
 # (padded head dim, causal) -> tiles, measured on an H100 (bench/kernel_sweep.py sm90,
 # docs/kernel_notes.md, session 5, with two consumer warpgroups per CTA): BLOCK_N = 128
 # with 3 stages beats 4 stages and BLOCK_N = 64 at D = 128 and D = 64, causal and not.
-# Two CTAs of 3 stages fill an SM's shared memory.
+# At D = 128 two CTAs of 3 stages fill an SM's shared memory.
 _CONFIGS = {
     (64, False): HopperConfig(128, 3),
     (64, True): HopperConfig(128, 3),
