@@ -635,9 +635,9 @@ def sm90_tiles(config: QuantConfig, head_dim: int, causal: bool, device: torch.d
     if _capability(device) != (9, 0) or config.pv_dtype is not PVDtype.FP8:
         return None
     tiles = attention_sm90.hopper_config(padded_head_dim(head_dim), causal)
-    # a Q group within a warpgroup's rows; a K group covering half a block (one K scale
-    # per half: the kernel folds it into the row scale)
-    if tiles is None or tiles.Q_ROWS % config.q_group or config.k_group % (tiles.BLOCK_N // 2):
+    # a Q group within a CTA's rows; a K group covering half a block (one K scale per
+    # half: the kernel folds it into the row scale)
+    if tiles is None or tiles.BLOCK_M % config.q_group or config.k_group % (tiles.BLOCK_N // 2):
         return None
     return tiles
 

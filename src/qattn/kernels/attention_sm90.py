@@ -61,10 +61,10 @@ __all__ = ["AVAILABLE", "TESTED_TRITON", "HopperConfig", "hopper_config", "kv_de
 class HopperConfig:
     """Tiles of the Gluon kernel: BLOCK_N keys per block (the online-softmax block, as the
     reference's block_kv) and STAGES K/V slots in flight. A CTA always has BLOCK_M = 64
-    query rows, quantized together (Q_ROWS: a Q group must fit)."""
+    query rows, quantized together (a Q group must fit)."""
 
     __slots__ = ("BLOCK_N", "STAGES")
-    BLOCK_M = Q_ROWS = 64
+    BLOCK_M = 64
 
     def __init__(self, BLOCK_N: int, STAGES: int):
         self.BLOCK_N, self.STAGES = BLOCK_N, STAGES
