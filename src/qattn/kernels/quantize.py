@@ -52,7 +52,12 @@ __all__ = ["QuantizedKV", "quantize_kv", "padded_head_dim", "padded_kv_len", "KV
 
 KV_PAD = 128  # K/V token buffers are padded to a multiple of this (the largest BLOCK_N)
 _MAX_CHUNKS = 64  # most token chunks one (batch, head) is split into
-_QUANT_OVERRIDE: tuple[int, int] | None = None  # (BLOCK_T, num_warps), for benchmarks
+# (BLOCK_T, num_warps) of pass 1 (statistics) and pass 2 (quantization) by padded head
+# dim; D <= 32 and 256 not measured.
+_STATS_TILES = {32: (256, 4), 64: (128, 2), 128: (64, 2)}
+_QUANT_TILES = {32: (256, 4), 64: (64, 2), 128: (64, 4)}
+_STATS_OVERRIDE: tuple[int, int] | None = None  # benchmarks: pass 1's tile instead of the table
+_QUANT_OVERRIDE: tuple[int, int] | None = None  # benchmarks: pass 2's tile instead of the table
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -411,24 +416,29 @@ def quantize_kv(
         v_q = torch.empty((heads, rows, dpad), dtype=torch.float16, device=device)
     stats = torch.empty((3, batch, heads, dpad), dtype=torch.float32, device=device)
 
-    # Tiles measured on an H100 (docs/kernel_notes.md): 256 x 64 with 8 warps at D=64,
-    # 128 x 128 with 4 warps at D=128; D <= 32 and 256 not measured.
-    block_t, num_warps = _QUANT_OVERRIDE or {32: (256, 4), 64: (256, 8), 128: (128, 4)}.get(dpad, (64, 8))
+    # Tiles (BLOCK_T tokens, warps) of each pass, measured on an H100 (docs/kernel_notes.md,
+    # session 10): few warps per program win, the reductions across warps cost.
+    stats_t, stats_warps = _STATS_OVERRIDE or _STATS_TILES.get(dpad, (64, 8))
+    block_t, num_warps = _QUANT_OVERRIDE or _QUANT_TILES.get(dpad, (64, 8))
     assert block_t % config.k_group == 0
     # Token chunks per (sequence, head): enough programs to fill the GPU (~2048 in all),
-    # few enough that finishing the statistics from the partials stays cheap.
+    # few enough that finishing the statistics from the partials stays cheap; whole tiles
+    # of both passes.
     target_chunks = max(1, min(_MAX_CHUNKS, 1024 // max(1, batch * heads)))
-    chunk = triton.cdiv(triton.cdiv(nk_pad, target_chunks), block_t) * block_t
+    tile = max(block_t, stats_t)  # powers of two: a multiple of both
+    chunk = triton.cdiv(triton.cdiv(nk_pad, target_chunks), tile) * tile
     n_chunks = triton.cdiv(nk_pad, chunk)
     partials = torch.empty((4, batch * heads, n_chunks, dpad), dtype=torch.float32, device=device)
     args = (k, *k_strides, v, *v_strides, cu_seqlens if varlen else k_scale)
-    meta = dict(HEAD_DIM=head_dim, DPAD=dpad, BLOCK_T=block_t, SMOOTH_K=config.smooth_k,
-                SMOOTH_V=config.smooth_v, V_FP8=v_fp8, VARLEN=varlen, num_warps=num_warps)
+    meta = dict(HEAD_DIM=head_dim, DPAD=dpad, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v,
+                V_FP8=v_fp8, VARLEN=varlen)
     grid = (n_chunks, batch * heads, 2)
-    _partial_stats_kernel[grid](*args, partials, heads, nk, nk_pad, chunk, n_chunks, **meta)
+    _partial_stats_kernel[grid](*args, partials, heads, nk, nk_pad, chunk, n_chunks,
+                                BLOCK_T=stats_t, num_warps=stats_warps, **meta)
     _quantize_kv_kernel[grid](
         *args, k_q, k_scale, v_q, stats, partials,
         heads, nk, nk_pad, rows, chunk, n_chunks, batch * heads * dpad,
-        K_GROUP=config.k_group, EXACT_FP8=interpreting(), WGMMA_V_ORDER=wgmma_v_order, **meta,
+        K_GROUP=config.k_group, EXACT_FP8=interpreting(), WGMMA_V_ORDER=wgmma_v_order,
+        BLOCK_T=block_t, num_warps=num_warps, **meta,
     )
     return QuantizedKV(k_q, k_scale, v_q, stats, wgmma_v_order)
