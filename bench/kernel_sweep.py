@@ -368,9 +368,9 @@ def sm90():
 
 
 def quant():
-    """K/V quantization (two launches, the same tile for both) alone over (BLOCK_T, warps), each checked against the
-    default's output (K mean and V scale to 1e-5, INT8 K within 1, FP8 V bytes differing
-    on < 0.1%). GB/s counts the bytes one pass would move (K and V read once,
+    """K/V quantization (two launches, here with the same tile) alone over (BLOCK_T, warps),
+    each checked against the default's output (K mean and V scale to 1e-5, INT8 K within
+    1, FP8 V bytes differing on < 0.1%). GB/s counts the bytes one pass would move (K and V read once,
     INT8/FP8 written); the two launches read K and V twice."""
     from qattn.kernels import quantize as quant_mod
 

@@ -75,8 +75,9 @@ class HopperConfig:
 
 # (padded head dim, causal) -> tiles, measured on an H100 (docs/kernel_notes.md, session
 # 10, whole calls of the two-CTA kernel alternated in one run): BLOCK_N = 128 beats 64 at
-# D = 128 and D = 64, causal and not; at D = 64, 4 stages beat 3, 5 and 6 (+1-6%). At
-# D = 128 two CTAs of 3 stages fill an SM's shared memory.
+# D = 128 and D = 64, causal and not; at D = 64, 4 stages beat 3, 5 and 6 without a mask
+# (+3-6%) and tie with them (+-3%) when causal. At D = 128 two CTAs of 3 stages fill an
+# SM's shared memory.
 _CONFIGS = {
     (64, False): HopperConfig(128, 4),
     (64, True): HopperConfig(128, 4),
