@@ -290,11 +290,20 @@ def test_quantize_kv_many_chunks(config_name, device, monkeypatch):
     _check_quantize_kv(CONFIGS[config_name], 2, 3, 1000, 64, device, seed=9)
 
 
+@pytest.mark.parametrize("stats_tile, quant_tile", [((32, 1), (128, 4)), ((256, 2), (64, 2))])
+def test_quantize_kv_passes_tiled_differently(stats_tile, quant_tile, device, monkeypatch):
+    """The two passes with different (BLOCK_T, warps): chunks are whole tiles of the
+    larger one (128 or 256 tokens here), which the other pass covers in four tiles."""
+    monkeypatch.setattr(quantize_module, "_STATS_OVERRIDE", stats_tile)
+    monkeypatch.setattr(quantize_module, "_QUANT_OVERRIDE", quant_tile)
+    _check_quantize_kv(CONFIGS["sage2-8b"], 2, 3, 1000, 64, device, seed=10)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_quantize_kv_long(head_dim):
-    """Default tiles and chunking at a long length: 32 (D=128) or 27 (D=64) chunks per
-    (sequence, head), each several tiles, the last one partial."""
+    """Default tiles and chunking at a long length: 32 chunks per (sequence, head), each
+    several tiles of both passes, the last one partial."""
     _check_quantize_kv(CONFIGS["sage2-8b"], 2, 16, 20000 + head_dim + 1, head_dim, "cuda", seed=head_dim)
 
 
