@@ -241,12 +241,21 @@ if AVAILABLE:
         return s_int, ks0, ks1, acc, m_i, l_i
 
     @gluon.jit
-    def _producer(k_desc, v_desc, K_scale, k_smem, v_smem, ks_smem, ready, empty, n_blocks, k_row, v_row, kv_row0,
-                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    def _producer(k_desc, v_desc, K_scale, V_stats, k_smem, v_smem, ks_smem, vs_smem, ready, empty, n_blocks, k_row,
+                  v_row, kv_row0, STATS_STRIDE,
+                  DPAD: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SMOOTH_V: gl.constexpr):
         """One warp: TMA every K/V block of the CTA into the ring, into a slot as soon as
         the consumer has released it. The block's two K scales go into the slot too, after
         the TMA is issued (so that their load latency overlaps it), with a second arrival
-        on ``ready``: the consumer then reads no global memory per block."""
+        on ``ready``: the consumer then reads no global memory per block. First, the V
+        channel scale (and mean) that the epilogue needs go to ``vs_smem``, published by
+        block 0's arrival: read there, the epilogue waits for no global load."""
+        channels_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[DPAD // 32], threads_per_warp=[32],
+                                                         warps_per_cta=[1], order=[0])
+        channels = gl.arange(0, DPAD, layout=channels_layout)
+        vs_smem.index(0).store(gl.load(V_stats + channels))
+        if SMOOTH_V:
+            vs_smem.index(1).store(gl.load(V_stats + STATS_STRIDE + channels))
         halves_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32], warps_per_cta=[1],
                                                        order=[0])
         halves = gl.arange(0, 2, layout=halves_layout) * (BLOCK_N // 2)
@@ -260,15 +269,15 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(v_desc, [v_row.to(gl.int32), (kv_row0 + j * BLOCK_N).to(gl.int32)],
                                             bar, v_smem.index(slot))
             ks_smem.index(slot).store(gl.load(K_scale + k_row + j * BLOCK_N + halves))
-            gl.thread_barrier()  # whichever lane stored, before the arrival releases it
+            gl.thread_barrier()  # whichever lane stored (the K scales, at j = 0 the V statistics) before the arrival
             mbarrier.arrive(bar, count=1)
 
     @gluon.jit
     def _consumer(
         Q, stride_qn, stride_qd, O, stride_on, stride_od, LSE, Stats,
-        q_smem, k_smem, v_smem, ks_smem, ready, empty,
+        q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
         score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
-        N_Q, N_K, STATS_STRIDE, causal_offset,
+        N_Q, N_K, causal_offset,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
         RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr,
@@ -348,17 +357,16 @@ if AVAILABLE:
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
                     BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
 
-        # -- epilogue: acc / l, undo the V scales; rows with no key give 0 --
+        # -- epilogue: acc / l, undo the V scales; rows with no key give 0 (and with no
+        # block, vs_smem was never written: its values are not used) --
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        offs_d = gl.arange(0, DPAD, layout=gl.SliceLayout(0, o_layout))
+        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
         out = acc * gl.convert_layout(1.0 / l_safe, o_rows)[:, None]  # both carry 448: it cancels
-        v_scale = gl.load(Stats + STATS_STRIDE + bh_kv * DPAD + offs_d)  # amax / 448
-        out = out * v_scale[None, :]
+        out = out * vs_smem.index(0).load(o_cols)[None, :]  # amax / 448
         if SMOOTH_V:
-            v_mean = gl.load(Stats + 2 * STATS_STRIDE + bh_kv * DPAD + offs_d)
-            out = out + v_mean[None, :]
+            out = out + vs_smem.index(1).load(o_cols)[None, :]
         out = gl.where(gl.convert_layout(empty_row, o_rows)[:, None], 0.0, out)
         out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
         gl.store(O + offs_m_io[:, None] * stride_on + offs_d_io[None, :] * stride_od, out, mask=io_mask)
@@ -411,6 +419,9 @@ if AVAILABLE:
         q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, DPAD], k_desc.layout)
         ks_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2],  # the layout of one slot
                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+        # the V channel scale (and with SMOOTH_V the V mean) of this kv head, a row each
+        vs_smem = gl.allocate_shared_memory(gl.float32, [2 if SMOOTH_V else 1, DPAD],  # the layout of one row
+                                            gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -421,13 +432,13 @@ if AVAILABLE:
         o_base = O + b * stride_ob + h * stride_oh
         gl.warp_specialize([
             (_consumer, (q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
-                         q_smem, k_smem, v_smem, ks_smem, ready, empty,
+                         q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
                          score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
-                         N_Q, N_K, STATS_STRIDE, causal_offset,
+                         N_Q, N_K, causal_offset,
                          HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
-            (_producer, (k_desc, v_desc, K_scale, k_smem, v_smem, ks_smem, ready, empty, n_blocks, k_row, v_row,
-                         kv_row0,
-                         BLOCK_N, STAGES)),
+            (_producer, (k_desc, v_desc, K_scale, Stats + STATS_STRIDE + bh_kv * DPAD, k_smem, v_smem, ks_smem, vs_smem,
+                         ready, empty, n_blocks, k_row, v_row, kv_row0, STATS_STRIDE,
+                         DPAD, BLOCK_N, STAGES, SMOOTH_V)),
         ], [1], [24])
 
 
