@@ -405,6 +405,37 @@ def test_gpu_sm90_kernel_long_gqa_odd_lengths(config_name, head_dim, causal_mode
     assert_lse_close(lse, portable_lse)
 
 
+def test_causal_head_group_keeps_kv_within_l2_budget(monkeypatch):
+    group = attention_sm90.causal_head_group
+    assert group(128, 4096, 128) == 4  # 1 MiB of quantized K/V per head, 4 MiB budget
+    assert group(128, 16384, 64) == 2
+    assert group(128, 1024, 128) == 16  # at most 16
+    assert group(32, 16384, 128) == 1
+    assert group(3, 1024, 64) == 3  # never more than the heads
+    monkeypatch.setattr(attention_sm90, "HEAD_GROUP_OVERRIDE", 5)
+    assert group(128, 4096, 128) == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_sm90_causal_tile_order_does_not_change_results(head_dim, monkeypatch):
+    """The causal grid's order (heads interleaved in groups, longest rows first) only
+    moves tiles between CTAs: outputs and LSE bit-identical for every group size,
+    including groups that do not divide the heads (15 (b, h) pairs in groups of 4)."""
+    config = CONFIGS["sage2-8b"]
+    monkeypatch.setattr(attention_sm90, "MIN_WORK", 0)
+    if kernel_name(config, head_dim, True, "cuda") != "gluon-sm90":
+        pytest.skip("the Gluon kernel does not run here (needs sm_90 and a tested Triton)")
+    q, k, v = make_inputs(3, 5, 5, 777, 901, head_dim, dtype=torch.bfloat16, device="cuda", k_bias=2.0,
+                          seed=11)
+    results = []
+    for group in (1, 4, 15, 16):
+        monkeypatch.setattr(attention_sm90, "HEAD_GROUP_OVERRIDE", group)
+        results.append(attention_forward(q, k, v, config, sm_scale=None, causal_offset=124, return_lse=True))
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_no_sync_and_stream(head_dim, kernel):

@@ -45,12 +45,12 @@ except ImportError:  # pragma: no cover - older triton
 from ..ops import device_capability
 from ..presets import PVAccum, PVDtype, QKDtype, QuantConfig
 from . import attention_sm90
+from .launch import CachedLauncher, cdiv, interpreting
 from .quantize import (
     _group_amax,
     _quant_multiplier,
     _round_half_up,
     _round_to_e4m3_grid,
-    interpreting,
     padded_head_dim,
     quantize_kv,
 )
@@ -453,6 +453,8 @@ def _attn_fwd_kernel(
 
 # ----------------------------------------------------------------------------- host
 
+_launch_attn_fwd = CachedLauncher(_attn_fwd_kernel)
+
 
 def supports(config: QuantConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """None if :func:`attention_forward` handles this case, else a short reason."""
@@ -547,7 +549,8 @@ def attention_forward(
 
     tiles = sm90_tiles(config, head_dim, causal_offset is not None, q.device, False, attn_mask is not None,
                        batch * hq * nq * nk)
-    kv = quantize_kv(k, v, config, wgmma_v_order=tiles is not None)
+    sm90 = tiles is not None
+    kv = quantize_kv(k, v, config, wgmma_v_order=sm90, launch_dependents=sm90 and attention_sm90.PDL)
     if attn_mask is None:
         mask, mask_strides, mask_kind = out, (0, 0, 0, 0), 0
     else:
@@ -627,10 +630,10 @@ def sm90_tiles(config: QuantConfig, head_dim: int, causal: bool, device: torch.d
     """The Gluon kernel's tiles when it runs this case, else None (the portable kernel
     runs): sm_90, a Triton version it was tested on, FP8 P~V, no user mask, dense
     batches, a head dim in its table, Q groups within a tile, K groups of half a block
-    or more, and ``work = B * Hq * Nq * Nk`` (None: large) of at least its MIN_WORK."""
+    or more, and ``work = B * Hq * Nq * Nk`` (None: large) of at least its ``min_work``."""
     if not (_USE_SM90 and attention_sm90.AVAILABLE) or varlen or masked or device.type != "cuda":
         return None
-    if work is not None and work < attention_sm90.MIN_WORK:
+    if work is not None and work < attention_sm90.min_work(padded_head_dim(head_dim)):
         return None
     if _capability(device) != (9, 0) or config.pv_dtype is not PVDtype.FP8:
         return None
@@ -678,7 +681,7 @@ def _launch(q, q_strides, kv, out, out_strides, lse, cu_q, cu_k, mask, mask_stri
     dpad = kv.k_q.shape[-1]
     rows = kv.k_q.shape[1]
     blocks = block_config(head_dim, causal, q.device, config)
-    grid = (triton.cdiv(nq, blocks.BLOCK_M), batch * hq)
+    grid = (cdiv(nq, blocks.BLOCK_M), batch * hq)
     # Building the descriptors costs ~60 us of host time per call (triton 3.6): worth it
     # only where the GPU work hides it (measured: slower at [4, 32, 1024, 128], faster
     # from [4, 32, 2048, 128]).
@@ -690,7 +693,7 @@ def _launch(q, q_strides, kv, out, out_strides, lse, cu_q, cu_k, mask, mask_stri
             v_desc = TensorDescriptor(kv.v_q, [hkv * rows, dpad], [dpad, 1], [blocks.BLOCK_N, dpad])
         else:
             v_desc = TensorDescriptor(kv.v_q, [hkv * dpad, rows], [rows, 1], [dpad, blocks.BLOCK_N])
-    _attn_fwd_kernel[grid](
+    _launch_attn_fwd[grid](
         q, *q_strides,
         kv.k_q, kv.k_scale, kv.v_q, kv.stats, k_desc, v_desc,
         out, *out_strides,

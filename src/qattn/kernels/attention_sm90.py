@@ -35,7 +35,11 @@ kernel runs. ``bench/compile_sm90.py`` compiles it for sm_90a on a machine witho
 
 from __future__ import annotations
 
+import functools
+
 import triton
+
+from .launch import CachedLauncher, cdiv
 
 TESTED_TRITON = ("3.6.",)
 
@@ -55,7 +59,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without Gluon
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "TESTED_TRITON", "HopperConfig", "hopper_config", "kv_descriptors", "launch"]
+__all__ = ["AVAILABLE", "TESTED_TRITON", "HopperConfig", "hopper_config", "kv_descriptors", "launch", "min_work"]
 
 
 class HopperConfig:
@@ -84,11 +88,39 @@ _CONFIGS = {
     (128, False): HopperConfig(128, 3),
     (128, True): HopperConfig(128, 3),
 }
-# Smallest B * Hq * Nq * Nk for which dispatch picks this kernel: below, the extra host
-# time of its launch (TMA descriptors) is not hidden by the GPU work.
-MIN_WORK = 2**29
+# Smallest B * Hq * Nq * Nk for which dispatch picks this kernel, by padded head dim
+# (docs/kernel_notes.md, session 12: whole calls alternated with the portable kernel on
+# an H200): below, the portable kernel's shorter host path wins (the Gluon one builds TMA
+# descriptors). D = 128: faster from [4, 32, 1024, 1024], slower at 512; D = 64: slower at
+# 1024, faster at 2048.
+_MIN_WORK = {64: 2**29, 128: 2**27}
+# Tests and benchmarks may set a number here to replace the table (0: every call).
+MIN_WORK: int | None = None
 # Benchmarks may set this to a HopperConfig to override the table (not thread-safe).
 _CONFIG_OVERRIDE: HopperConfig | None = None
+# Launch with programmatic dependent launch after quantize_kv(..., launch_dependents=True):
+# CTAs start, and quantize their Q, while the K/V quantization's last programs run, and wait
+# for its results (griddepcontrol.wait) before touching K/V. Benchmarks may switch it off.
+PDL = True
+# Benchmarks and tests may set this to replace causal_head_group's choice (1: each head's
+# tiles together).
+HEAD_GROUP_OVERRIDE: int | None = None
+
+
+def min_work(dpad: int) -> int:
+    """Smallest ``B * Hq * Nq * Nk`` for which dispatch picks this kernel at ``dpad``."""
+    return MIN_WORK if MIN_WORK is not None else _MIN_WORK.get(dpad, 2**29)
+
+
+def causal_head_group(heads: int, nk_pad: int, dpad: int) -> int:
+    """How many of the ``heads`` (B * Hq) (b, h) pairs a causal grid interleaves, longest
+    rows first: as many as keep their quantized K/V (2 * nk_pad * dpad bytes each) within
+    4 MiB of L2, at most 16. (docs/kernel_notes.md, session 12: +3-5% from 1k to 4k, where
+    the tail of one head's tiles is a few percent of the grid; groups of 16 at 16k tokens
+    (64 MiB) ran 5% slower, groups of 2-4 at 8k-16k within the noise of 1.)"""
+    if HEAD_GROUP_OVERRIDE is not None:
+        return HEAD_GROUP_OVERRIDE
+    return max(1, min(16, heads, (4 << 20) // (2 * nk_pad * dpad)))
 
 
 def hopper_config(dpad: int, causal: bool) -> HopperConfig | None:
@@ -241,6 +273,14 @@ if AVAILABLE:
         return s_int, ks0, ks1, acc, m_i, l_i
 
     @gluon.jit
+    def _wait_for_prior_grid():
+        """griddepcontrol.wait: under programmatic dependent launch, block until the
+        previous kernel (the K/V quantization) has finished and its writes are visible;
+        returns at once otherwise."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
     def _producer(k_desc, v_desc, K_scale, V_stats, k_smem, v_smem, ks_smem, vs_smem, ready, empty, n_blocks, k_row,
                   v_row, kv_row0, STATS_STRIDE,
                   DPAD: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SMOOTH_V: gl.constexpr):
@@ -253,6 +293,7 @@ if AVAILABLE:
         channels_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[DPAD // 32], threads_per_warp=[32],
                                                          warps_per_cta=[1], order=[0])
         channels = gl.arange(0, DPAD, layout=channels_layout)
+        _wait_for_prior_grid()
         vs_smem.index(0).store(gl.load(V_stats + channels))
         if SMOOTH_V:
             vs_smem.index(1).store(gl.load(V_stats + STATS_STRIDE + channels))
@@ -317,6 +358,7 @@ if AVAILABLE:
         q_smem.store(q_i8)
         fence_async_shared()
         gl.thread_barrier()  # all of this warpgroup's Q rows are in shared memory
+        _wait_for_prior_grid()  # before reading K statistics or writing anything
         if RETURN_LSE and SMOOTH_K:  # the shift that K smoothing removed from every score
             k_mean = gl.load(Stats + bh_kv * DPAD + offs_d_io)
             lse_shift = gl.convert_layout(gl.sum(q * k_mean[None, :], axis=1) * sm_scale, s_rows)
@@ -384,17 +426,28 @@ if AVAILABLE:
         O, stride_ob, stride_oh, stride_on, stride_od,
         LSE,
         score_scale, sm_scale,
-        H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, STATS_STRIDE, causal_offset,
+        H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, STATS_STRIDE, causal_offset, HEAD_GROUP,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
         RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, num_warps: gl.constexpr,
     ):
         gl.static_assert(num_warps == 4, "the default partition is the consumer warpgroup")
         BLOCK_M: gl.constexpr = 64
-        pid_m = gl.program_id(0)
-        if CAUSAL:  # the longest rows (most K/V blocks) first: a shorter tail
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        bh = gl.program_id(1).to(gl.int64)
+        if CAUSAL:
+            # CTAs start in launch order (program_id(0) fastest). Heads go in groups of
+            # HEAD_GROUP, and within a group the longest rows (most K/V blocks) of every
+            # head come first: the grid ends on short tiles whichever head is last, and
+            # the group's K/V stay in L2 while its CTAs run.
+            n_m = gl.num_programs(0)
+            position = gl.program_id(1) * n_m + gl.program_id(0)
+            first_bh = position // (HEAD_GROUP * n_m) * HEAD_GROUP
+            heads_in_group = gl.minimum(HEAD_GROUP, gl.num_programs(1) - first_bh)
+            rank = position - first_bh * n_m
+            pid_m = n_m - 1 - rank // heads_in_group
+            bh = (first_bh + rank % heads_in_group).to(gl.int64)
+        else:
+            pid_m = gl.program_id(0)
+            bh = gl.program_id(1).to(gl.int64)
         b = bh // H_Q
         h = bh % H_Q
         bh_kv = bh // KV_GROUP  # GQA/MQA: q head h reads kv head h // (Hq // Hkv)
@@ -441,13 +494,20 @@ if AVAILABLE:
                          DPAD, BLOCK_N, STAGES, SMOOTH_V)),
         ], [1], [24])
 
+    _launch_sage_fwd_sm90 = CachedLauncher(_sage_fwd_sm90)
+
+
+@functools.lru_cache(maxsize=None)
+def _kv_layouts(block_n: int, dpad: int):
+    return (gl.NVMMASharedLayout.get_default_for([block_n, dpad], gl.int8),
+            gl.NVMMASharedLayout.get_default_for([dpad, block_n], gl.float8e4nv))
+
 
 def kv_descriptors(kv, block_n: int):
     """Host TMA descriptors of the quantized K ([Hkv * rows, dpad] in [block_n, dpad]
     boxes) and V^T ([Hkv * dpad, rows] in [dpad, block_n] boxes)."""
     hkv, rows, dpad = kv.k_q.shape
-    k_layout = gl.NVMMASharedLayout.get_default_for([block_n, dpad], gl.int8)
-    v_layout = gl.NVMMASharedLayout.get_default_for([dpad, block_n], gl.float8e4nv)
+    k_layout, v_layout = _kv_layouts(block_n, dpad)
     k_desc = TensorDescriptor(kv.k_q, [hkv * rows, dpad], [dpad, 1], [block_n, dpad], k_layout)
     v_desc = TensorDescriptor(kv.v_q, [hkv * dpad, rows], [rows, 1], [dpad, block_n], v_layout)
     return k_desc, v_desc
@@ -463,16 +523,17 @@ def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig,
     rows = kv.k_q.shape[1]
     k_desc, v_desc = kv_descriptors(kv, tiles.BLOCK_N)
     causal = causal_offset is not None
-    grid = (triton.cdiv(nq, tiles.BLOCK_M), batch * hq)
+    grid = (cdiv(nq, tiles.BLOCK_M), batch * hq)
     # 4 + 1 (padded to 4) warps at 128 registers take half the SM's 64K, so two CTAs fit;
     # setmaxnreg then moves them to 232 per consumer thread and 24 per producer thread
-    _sage_fwd_sm90[grid](
+    _launch_sage_fwd_sm90[grid](
         q, *q_strides, k_desc, v_desc, kv.k_scale, kv.stats,
         out, *out_strides,
         lse if lse is not None else out,
         score_scale, sm_scale,
         hq, hq // hkv, nq, nk, rows // batch, rows, batch * hkv * dpad, int(causal_offset) if causal else 0,
+        causal_head_group(batch * hq, rows // batch, dpad) if causal else 1,
         HEAD_DIM=head_dim, DPAD=dpad, BLOCK_N=tiles.BLOCK_N, Q_GROUP=config.q_group, STAGES=tiles.STAGES,
         CAUSAL=causal, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, RETURN_LSE=lse is not None,
-        P_SHIFT=p_shift, num_warps=4, maxnreg=128,
+        P_SHIFT=p_shift, num_warps=4, maxnreg=128, launch_pdl=PDL,
     )

@@ -39,7 +39,6 @@ Numerics follow ``qattn.reference`` (see its module docstring).
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -47,6 +46,12 @@ import triton
 import triton.language as tl
 
 from ..presets import PVDtype, QuantConfig
+from .launch import CachedLauncher, cdiv, interpreting
+
+try:  # grid dependency control (triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents
+except ImportError:  # pragma: no cover - older triton: LAUNCH_DEPENDENTS stays False
+    gdc_launch_dependents = None
 
 __all__ = ["QuantizedKV", "quantize_kv", "padded_head_dim", "padded_kv_len", "KV_PAD"]
 
@@ -63,17 +68,12 @@ _QUANT_OVERRIDE: tuple[int, int] | None = None  # benchmarks: pass 2's tile inst
 def padded_head_dim(head_dim: int) -> int:
     """Head dim as the kernels store it: the next power of two, at least 32 (the
     smallest K of an INT8 tensor-core dot)."""
-    return max(32, triton.next_power_of_2(head_dim))
+    return max(32, 1 << (head_dim - 1).bit_length())
 
 
 def padded_kv_len(nk: int) -> int:
     """K/V tokens as the kernels store them: a multiple of ``KV_PAD``."""
-    return max(KV_PAD, triton.cdiv(nk, KV_PAD) * KV_PAD)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return max(KV_PAD, cdiv(nk, KV_PAD) * KV_PAD)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -246,10 +246,17 @@ def _quantize_kv_kernel(
     HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr,
     K_GROUP: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr,
     V_FP8: tl.constexpr, VARLEN: tl.constexpr, EXACT_FP8: tl.constexpr, WGMMA_V_ORDER: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     """Pass 2, program (chunk, bh, 0 for K / 1 for V): finish the statistics from the
     partials, then quantize the chunk's tokens (and the zero padding up to the sequence's
-    padded length) into rows ``row0 + t`` of head ``h``'s plane."""
+    padded length) into rows ``row0 + t`` of head ``h``'s plane.
+
+    ``LAUNCH_DEPENDENTS`` (sm_90+): let a kernel launched next with programmatic dependent
+    launch start once every program of this one has started (it waits for this one's
+    results itself: ``griddepcontrol.wait``)."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n_bh = tl.num_programs(1)
@@ -330,6 +337,9 @@ def _quantize_kv_kernel(
 
 # ----------------------------------------------------------------------------- host
 
+_launch_partial_stats = CachedLauncher(_partial_stats_kernel)
+_launch_quantize_kv = CachedLauncher(_quantize_kv_kernel)
+
 
 class QuantizedKV(NamedTuple):
     """What :func:`quantize_kv` returns (see the module docstring for layouts)."""
@@ -376,6 +386,7 @@ def quantize_kv(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     wgmma_v_order: bool = False,
+    launch_dependents: bool = False,
 ) -> QuantizedKV:
     """Quantize K (and V for FP8, or convert it to fp16) as ``config`` says, in two
     launches (statistics, then quantization); no host synchronization.
@@ -385,13 +396,15 @@ def quantize_kv(
     ``cu_seqlens`` int32/int64 [B + 1] on their device, ``max_seqlen`` >= every length.
     Entries of ``stats`` that the config does not use are left unwritten.
     ``wgmma_v_order``: store FP8 V^T in the Gluon sm_90 kernel's token order (dense only).
+    ``launch_dependents`` (sm_90+): the next kernel, if launched with programmatic
+    dependent launch, may start while the quantization's last programs run.
     """
     varlen = cu_seqlens is not None
     if varlen:
         total, heads, head_dim = k.shape
         batch = cu_seqlens.shape[0] - 1
         nk = max_seqlen
-        rows = triton.cdiv(total, KV_PAD) * KV_PAD + KV_PAD * batch
+        rows = cdiv(total, KV_PAD) * KV_PAD + KV_PAD * batch
         # [B, H, N, D]-style strides: batch 0 (sequences are found through cu_seqlens).
         k_strides = (0, k.stride(1), k.stride(0), k.stride(2))
         v_strides = (0, v.stride(1), v.stride(0), v.stride(2))
@@ -426,19 +439,20 @@ def quantize_kv(
     # of both passes.
     target_chunks = max(1, min(_MAX_CHUNKS, 1024 // max(1, batch * heads)))
     tile = max(block_t, stats_t)  # powers of two: a multiple of both
-    chunk = triton.cdiv(triton.cdiv(nk_pad, target_chunks), tile) * tile
-    n_chunks = triton.cdiv(nk_pad, chunk)
+    chunk = cdiv(cdiv(nk_pad, target_chunks), tile) * tile
+    n_chunks = cdiv(nk_pad, chunk)
     partials = torch.empty((4, batch * heads, n_chunks, dpad), dtype=torch.float32, device=device)
     args = (k, *k_strides, v, *v_strides, cu_seqlens if varlen else k_scale)
     meta = dict(HEAD_DIM=head_dim, DPAD=dpad, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v,
                 V_FP8=v_fp8, VARLEN=varlen)
     grid = (n_chunks, batch * heads, 2)
-    _partial_stats_kernel[grid](*args, partials, heads, nk, nk_pad, chunk, n_chunks,
+    _launch_partial_stats[grid](*args, partials, heads, nk, nk_pad, chunk, n_chunks,
                                 BLOCK_T=stats_t, num_warps=stats_warps, **meta)
-    _quantize_kv_kernel[grid](
+    _launch_quantize_kv[grid](
         *args, k_q, k_scale, v_q, stats, partials,
         heads, nk, nk_pad, rows, chunk, n_chunks, batch * heads * dpad,
         K_GROUP=config.k_group, EXACT_FP8=interpreting(), WGMMA_V_ORDER=wgmma_v_order,
+        LAUNCH_DEPENDENTS=launch_dependents and gdc_launch_dependents is not None,
         BLOCK_T=block_t, num_warps=num_warps, **meta,
     )
     return QuantizedKV(k_q, k_scale, v_q, stats, wgmma_v_order)
