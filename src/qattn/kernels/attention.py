@@ -682,9 +682,10 @@ def _launch(q, q_strides, kv, out, out_strides, lse, cu_q, cu_k, mask, mask_stri
     rows = kv.k_q.shape[1]
     blocks = block_config(head_dim, causal, q.device, config)
     grid = (cdiv(nq, blocks.BLOCK_M), batch * hq)
-    # Building the descriptors costs ~60 us of host time per call (triton 3.6): worth it
-    # only where the GPU work hides it (measured: slower at [4, 32, 1024, 128], faster
-    # from [4, 32, 2048, 128]).
+    # TMA descriptors cost host time (two built and encoded per call; ~60 us in session
+    # 3, before launches were cached): worth it only where the GPU work hides it. Session
+    # 12 (H200, D=128, whole calls): slower at N=512; at 1k +3-7% with fp16 V but 6-10%
+    # slower with FP8 V and a mask; within 3% at 2k. Hence from B*Hq*Nq*Nk = 2^29.
     use_tma = blocks.tma and TensorDescriptor is not None and batch * hq * nq * nk >= _TMA_MIN_WORK
     k_desc, v_desc = kv.k_q, kv.v_q
     if use_tma:
