@@ -46,9 +46,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Read once, as Triton itself decides at import (when kernels are decorated) whether they
+# run in its interpreter; reading the environment costs ~1 us a call.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 when
+    qattn's kernels were imported)."""
+    return _INTERPRETING
 
 
 def _descriptor_types() -> tuple[type, ...]:
@@ -97,7 +103,7 @@ class CachedLauncher:
     def __init__(self, fn):
         self.fn = fn
         self._compiled: dict[tuple, tuple] = {}
-        self._direct = triton.__version__.startswith(TESTED_TRITON) and not interpreting()
+        self._direct = triton.__version__.startswith(TESTED_TRITON) and not _INTERPRETING
 
     def __getitem__(self, grid):
         return lambda *args, **meta: self.launch(grid, args, meta)
