@@ -54,6 +54,7 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.language.extra.cuda import gdc_wait
 
     AVAILABLE = triton.__version__.startswith(TESTED_TRITON)
 except ImportError:  # pragma: no cover - a Triton without Gluon
@@ -273,14 +274,6 @@ if AVAILABLE:
         return s_int, ks0, ks1, acc, m_i, l_i
 
     @gluon.jit
-    def _wait_for_prior_grid():
-        """griddepcontrol.wait: under programmatic dependent launch, block until the
-        previous kernel (the K/V quantization) has finished and its writes are visible;
-        returns at once otherwise."""
-        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)
-
-    @gluon.jit
     def _producer(k_desc, v_desc, K_scale, V_stats, k_smem, v_smem, ks_smem, vs_smem, ready, empty, n_blocks, k_row,
                   v_row, kv_row0, STATS_STRIDE,
                   DPAD: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SMOOTH_V: gl.constexpr):
@@ -293,7 +286,9 @@ if AVAILABLE:
         channels_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[DPAD // 32], threads_per_warp=[32],
                                                          warps_per_cta=[1], order=[0])
         channels = gl.arange(0, DPAD, layout=channels_layout)
-        _wait_for_prior_grid()
+        # under programmatic dependent launch, wait for the K/V quantization to finish and
+        # its writes to be visible (at once otherwise)
+        gdc_wait()
         vs_smem.index(0).store(gl.load(V_stats + channels))
         if SMOOTH_V:
             vs_smem.index(1).store(gl.load(V_stats + STATS_STRIDE + channels))
@@ -358,7 +353,7 @@ if AVAILABLE:
         q_smem.store(q_i8)
         fence_async_shared()
         gl.thread_barrier()  # all of this warpgroup's Q rows are in shared memory
-        _wait_for_prior_grid()  # before reading K statistics or writing anything
+        gdc_wait()  # the K/V quantization's results, before reading K statistics or writing
         if RETURN_LSE and SMOOTH_K:  # the shift that K smoothing removed from every score
             k_mean = gl.load(Stats + bh_kv * DPAD + offs_d_io)
             lse_shift = gl.convert_layout(gl.sum(q * k_mean[None, :], axis=1) * sm_scale, s_rows)
