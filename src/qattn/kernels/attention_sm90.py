@@ -134,9 +134,15 @@ def hopper_config(dpad: int, causal: bool) -> HopperConfig | None:
 if AVAILABLE:
 
     @gluon.jit
-    def _i32_to_f32(x):
-        # Exact for |x| < 2^22 with an integer add instead of an I2F (see attention.py).
-        return (x + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
+    def _i32_to_f32(x, CVT: gl.constexpr):
+        """int32 -> fp32, exact for |x| < 2^22: with CVT the conversion instruction (I2FP),
+        else an integer add and an fp32 subtraction (the bit trick of attention.py). Per
+        docs/kernel_notes.md, session 13 (H100, kernel alone): I2FP is 7-11% faster at
+        D = 64 and 1-2% slower at D = 128 without a mask."""
+        if CVT:
+            return x.to(gl.float32)
+        else:
+            return (x + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
 
     @gluon.jit
     def _row_max(x):
@@ -178,7 +184,7 @@ if AVAILABLE:
     @gluon.jit
     def _softmax(s_int, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
                  BLOCK_N: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr, P_SHIFT: gl.constexpr,
-                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+                 CVT_I2F: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
         """Online softmax of block j from ``s_int = Q K^T`` and the K scales of its two
         halves: P~ in FP8 (wgmma's register operand), the factor that rescales the
         accumulator, the new row max and row sum."""
@@ -186,7 +192,7 @@ if AVAILABLE:
         # one FMA per score (a K group covers at least half a block; dispatch checks)
         M: gl.constexpr = s_int.shape[0]
         HALF: gl.constexpr = BLOCK_N // 2
-        t0, t1 = gl.split(gl.permute(gl.reshape(_i32_to_f32(s_int), [M, 2, HALF]), (0, 2, 1)))
+        t0, t1 = gl.split(gl.permute(gl.reshape(_i32_to_f32(s_int, CVT_I2F), [M, 2, HALF]), (0, 2, 1)))
         half_layout: gl.constexpr = t0.type.layout
         rows: gl.constexpr = gl.SliceLayout(1, half_layout)
         q_scale = gl.convert_layout(q_scale, rows)
@@ -258,7 +264,7 @@ if AVAILABLE:
     def _block(j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-               CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr,
+               CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr, CVT_I2F: gl.constexpr,
                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
         """Block j: softmax of its scores ``s_int`` (K scales ``ks0``, ``ks1``), then its
         P~ V and, with ISSUE_NEXT, block j + 1's Q K^T (whose scores and K scales are
@@ -266,7 +272,7 @@ if AVAILABLE:
         P~ is consumed in the iteration that makes it: carried across iterations, its FP8
         bytes were unpacked and repacked (~200 instructions per block)."""
         p8, alpha, m_i, l_i = _softmax(s_int, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
-                                       BLOCK_N, MASKED, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
+                                       BLOCK_N, MASKED, CAUSAL, P_SHIFT, CVT_I2F, s_layout, o_layout, p_layout)
         s_int, pv, ks0, ks1 = _mma(q_smem, k_smem, v_smem, ks_smem, ready, j + 1, p8, j, ks0, ks1, s_zero, o_zero,
                                    STAGES, ISSUE_NEXT, True)
         acc = acc * alpha[:, None] + pv  # one FMA per element (two-level accumulation)
@@ -322,6 +328,7 @@ if AVAILABLE:
         ``n_blocks`` K/V blocks of the CTA (``[0, lo_masked)`` need no mask). Q and O point
         at this (batch, head)."""
         ROWS: gl.constexpr = 64
+        CVT_I2F: gl.constexpr = DPAD <= 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 32])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -377,22 +384,22 @@ if AVAILABLE:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, CVT_I2F, s_layout, o_layout, p_layout)
             for j in range(lo_masked, last):
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, CVT_I2F, s_layout, o_layout, p_layout)
             if last >= lo_masked:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, CVT_I2F, s_layout, o_layout, p_layout)
             else:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, CVT_I2F, s_layout, o_layout, p_layout)
 
         # -- epilogue: acc / l, undo the V scales; rows with no key give 0 (and with no
         # block, vs_smem was never written: its values are not used) --
