@@ -12,7 +12,8 @@ two partitions (``gl.warp_specialize``):
 * a consumer warpgroup (232 registers) that quantizes its Q rows to INT8 in shared
   memory, then per K/V block runs the softmax, issues the block's ``P~ V`` (FP8, P~ from
   registers, fresh fp32 tile) and the next block's ``Q K^T`` (INT8 -> int32) as async
-  ``wgmma`` and waits for them.
+  ``wgmma`` and waits for them (at D = 128 the ``Q K^T`` is issued before the softmax and
+  runs under it: ``EARLY_QK``).
 
 Two CTAs share an SM (32K registers and ~113 KB of shared memory each), so one CTA's
 softmax runs under the other's matrix products, as the two consumer warpgroups of
@@ -106,6 +107,10 @@ PDL = True
 # Benchmarks and tests may set this to replace causal_head_group's choice (1: each head's
 # tiles together).
 HEAD_GROUP_OVERRIDE: int | None = None
+# By padded head dim: issue the next block's Q K^T before the softmax (it then runs under
+# it) instead of beside the block's P~ V. docs/kernel_notes.md, session 13 (H100, kernel
+# alone, 3 rounds): +1-5% at D = 128, +0.4-1.2% at D = 64 (under the 1% the A/B required).
+EARLY_QK = {64: False, 128: True}
 
 
 def min_work(dpad: int) -> int:
@@ -182,17 +187,23 @@ if AVAILABLE:
         return packed.to(gl.float8e4nv, bitcast=True)
 
     @gluon.jit
-    def _softmax(s_int, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
-                 BLOCK_N: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr, P_SHIFT: gl.constexpr,
-                 CVT_I2F: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-        """Online softmax of block j from ``s_int = Q K^T`` and the K scales of its two
-        halves: P~ in FP8 (wgmma's register operand), the factor that rescales the
-        accumulator, the new row max and row sum."""
-        # the halves are scaled separately so that each K scale folds into the row scale:
-        # one FMA per score (a K group covers at least half a block; dispatch checks)
+    def _scores(s_int, CVT_I2F: gl.constexpr):
+        """``s_int = Q K^T`` of a block as fp32, split into its two halves of keys: the
+        halves are scaled separately so that each K scale folds into the row scale, one FMA
+        per score (a K group covers at least half a block; dispatch checks)."""
         M: gl.constexpr = s_int.shape[0]
+        HALF: gl.constexpr = s_int.shape[1] // 2
+        return gl.split(gl.permute(gl.reshape(_i32_to_f32(s_int, CVT_I2F), [M, 2, HALF]), (0, 2, 1)))
+
+    @gluon.jit
+    def _softmax(t0, t1, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
+                 BLOCK_N: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr, P_SHIFT: gl.constexpr,
+                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+        """Online softmax of block j from its scores' halves ``t0``, ``t1`` (:func:`_scores`)
+        and their K scales: P~ in FP8 (wgmma's register operand), the factor that rescales
+        the accumulator, the new row max and row sum."""
+        M: gl.constexpr = t0.shape[0]
         HALF: gl.constexpr = BLOCK_N // 2
-        t0, t1 = gl.split(gl.permute(gl.reshape(_i32_to_f32(s_int, CVT_I2F), [M, 2, HALF]), (0, 2, 1)))
         half_layout: gl.constexpr = t0.type.layout
         rows: gl.constexpr = gl.SliceLayout(1, half_layout)
         q_scale = gl.convert_layout(q_scale, rows)
@@ -237,44 +248,40 @@ if AVAILABLE:
         return gl.sum(gl.where(half == 0, ks, 0.0), axis=0), gl.sum(gl.where(half == 1, ks, 0.0), axis=0)
 
     @gluon.jit
-    def _mma(q_smem, k_smem, v_smem, ks_smem, ready, qk_block, p8, pv_block, ks0, ks1, s_zero, o_zero,
-             STAGES: gl.constexpr, ISSUE_QK: gl.constexpr, ISSUE_PV: gl.constexpr):
-        """Issue block ``pv_block``'s P~ V and (ISSUE_QK) block ``qk_block``'s Q K^T on the
-        tensor cores and wait for both. With the Q K^T, the block's two K scales are read
-        from shared memory (``ks0``, ``ks1`` are returned unchanged otherwise)."""
-        if ISSUE_QK:
-            slot = qk_block % STAGES
-            mbarrier.wait(ready.index(slot), (qk_block // STAGES) & 1)
-            ks0, ks1 = _k_scales(ks_smem.index(slot))
-            s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        if ISSUE_PV:
-            pv_tok = warpgroup_mma(p8, v_smem.index(pv_block % STAGES).permute((1, 0)), o_zero, use_acc=False,
-                                   is_async=True)
-        if ISSUE_QK and ISSUE_PV:
-            s_int, pv = warpgroup_mma_wait(0, deps=(s_tok, pv_tok))
-        elif ISSUE_QK:
-            s_int = warpgroup_mma_wait(0, deps=(s_tok, ))
-            pv = o_zero
-        else:
-            pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
-            s_int = s_zero
-        return s_int, pv, ks0, ks1
+    def _issue_qk(q_smem, k_smem, ks_smem, ready, j, s_zero, STAGES: gl.constexpr):
+        """Wait for block j's K/V slot, read its two K scales, issue its Q K^T (async)."""
+        slot = j % STAGES
+        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+        ks0, ks1 = _k_scales(ks_smem.index(slot))
+        s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        return s_tok, ks0, ks1
 
     @gluon.jit
     def _block(j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr, CVT_I2F: gl.constexpr,
-               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+               EARLY_QK: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
         """Block j: softmax of its scores ``s_int`` (K scales ``ks0``, ``ks1``), then its
         P~ V and, with ISSUE_NEXT, block j + 1's Q K^T (whose scores and K scales are
-        returned), then the accumulator update and the release of its K/V slot.
+        returned), then the accumulator update and the release of its K/V slot. With
+        EARLY_QK the next Q K^T is issued before the softmax, once the scores are in fp32
+        registers, and runs under it.
         P~ is consumed in the iteration that makes it: carried across iterations, its FP8
         bytes were unpacked and repacked (~200 instructions per block)."""
-        p8, alpha, m_i, l_i = _softmax(s_int, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
-                                       BLOCK_N, MASKED, CAUSAL, P_SHIFT, CVT_I2F, s_layout, o_layout, p_layout)
-        s_int, pv, ks0, ks1 = _mma(q_smem, k_smem, v_smem, ks_smem, ready, j + 1, p8, j, ks0, ks1, s_zero, o_zero,
-                                   STAGES, ISSUE_NEXT, True)
+        t0, t1 = _scores(s_int, CVT_I2F)
+        if ISSUE_NEXT and EARLY_QK:
+            s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES)
+        p8, alpha, m_i, l_i = _softmax(t0, t1, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
+                                       BLOCK_N, MASKED, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
+        pv_tok = warpgroup_mma(p8, v_smem.index(j % STAGES).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+        if ISSUE_NEXT and not EARLY_QK:
+            s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES)
+        if ISSUE_NEXT:
+            s_int, pv = warpgroup_mma_wait(0, deps=(s_tok, pv_tok))
+            ks0, ks1 = ks0_next, ks1_next
+        else:
+            pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
         acc = acc * alpha[:, None] + pv  # one FMA per element (two-level accumulation)
         mbarrier.arrive(empty.index(j % STAGES), count=1)
         return s_int, ks0, ks1, acc, m_i, l_i
@@ -322,7 +329,7 @@ if AVAILABLE:
         N_Q, N_K, causal_offset,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
-        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr,
+        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, EARLY_QK: gl.constexpr,
     ):
         """The consumer warpgroup: the 64 query rows from ``start_m``, over all
         ``n_blocks`` K/V blocks of the CTA (``[0, lo_masked)`` need no mask). Q and O point
@@ -375,31 +382,29 @@ if AVAILABLE:
         o_zero = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
         offs_m = start_m + gl.arange(0, ROWS, layout=s_rows)
         if n_blocks > 0:
-            no_scale = score_scale * 0.0  # fp32 scalars for the K scales that the first _mma reads
-            s_int, pv, ks0, ks1 = _mma(q_smem, k_smem, v_smem, ks_smem, ready, 0,
-                                       gl.zeros([ROWS, BLOCK_N], gl.float8e4nv, p_layout), 0, no_scale, no_scale,
-                                       s_zero, o_zero, STAGES, True, False)
+            s_tok, ks0, ks1 = _issue_qk(q_smem, k_smem, ks_smem, ready, 0, s_zero, STAGES)
+            s_int = warpgroup_mma_wait(0, deps=(s_tok, ))
             last = n_blocks - 1
             for j in range(0, gl.minimum(lo_masked, last)):
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, CVT_I2F, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, CVT_I2F, EARLY_QK, s_layout, o_layout, p_layout)
             for j in range(lo_masked, last):
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, CVT_I2F, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, CVT_I2F, EARLY_QK, s_layout, o_layout, p_layout)
             if last >= lo_masked:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, CVT_I2F, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, CVT_I2F, EARLY_QK, s_layout, o_layout, p_layout)
             else:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, CVT_I2F, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, CVT_I2F, EARLY_QK, s_layout, o_layout, p_layout)
 
         # -- epilogue: acc / l, undo the V scales; rows with no key give 0 (and with no
         # block, vs_smem was never written: its values are not used) --
@@ -431,7 +436,7 @@ if AVAILABLE:
         H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, STATS_STRIDE, causal_offset, HEAD_GROUP,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
-        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, num_warps: gl.constexpr,
+        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, EARLY_QK: gl.constexpr, num_warps: gl.constexpr,
     ):
         gl.static_assert(num_warps == 4, "the default partition is the consumer warpgroup")
         BLOCK_M: gl.constexpr = 64
@@ -490,7 +495,8 @@ if AVAILABLE:
                          q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
                          score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
                          N_Q, N_K, causal_offset,
-                         HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
+                         HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT,
+                         EARLY_QK)),
             (_producer, (k_desc, v_desc, K_scale, Stats + STATS_STRIDE + bh_kv * DPAD, k_smem, v_smem, ks_smem, vs_smem,
                          ready, empty, n_blocks, k_row, v_row, kv_row0, STATS_STRIDE,
                          DPAD, BLOCK_N, STAGES, SMOOTH_V)),
@@ -537,5 +543,5 @@ def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig,
         causal_head_group(batch * hq, rows // batch, dpad) if causal else 1,
         HEAD_DIM=head_dim, DPAD=dpad, BLOCK_N=tiles.BLOCK_N, Q_GROUP=config.q_group, STAGES=tiles.STAGES,
         CAUSAL=causal, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, RETURN_LSE=lse is not None,
-        P_SHIFT=p_shift, num_warps=4, maxnreg=128, launch_pdl=PDL,
+        P_SHIFT=p_shift, EARLY_QK=EARLY_QK.get(dpad, False), num_warps=4, maxnreg=128, launch_pdl=PDL,
     )
