@@ -36,7 +36,6 @@ def compile_kernel(head_dim: int, block_n: int, stages: int, causal: bool, lse: 
     v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, block_n], gl.float8e4nv)
     constexprs = dict(HEAD_DIM=head_dim, DPAD=head_dim, BLOCK_N=block_n, Q_GROUP=16, STAGES=stages, CAUSAL=causal,
                       SMOOTH_K=True, SMOOTH_V=False, RETURN_LSE=lse, P_SHIFT=LOG2_FP8_MAX,
-                      EARLY_QK=attention_sm90.EARLY_QK.get(head_dim, False),
                       num_warps=4)
     types = {"Q": "*bf16", "O": "*bf16", "K_scale": "*fp32", "Stats": "*fp32", "LSE": "*fp32",
              "k_desc": f"tensordesc<i8[{block_n}, {head_dim}],{k_layout!r}>",

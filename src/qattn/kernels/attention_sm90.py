@@ -12,8 +12,8 @@ two partitions (``gl.warp_specialize``):
 * a consumer warpgroup (232 registers) that quantizes its Q rows to INT8 in shared
   memory, then per K/V block runs the softmax, issues the block's ``P~ V`` (FP8, P~ from
   registers, fresh fp32 tile) and the next block's ``Q K^T`` (INT8 -> int32) as async
-  ``wgmma`` and waits for them (at D = 128 the ``Q K^T`` is issued before the softmax and
-  runs under it: ``EARLY_QK``).
+  ``wgmma`` and waits for them (from D = 128 the ``Q K^T`` is issued before the softmax and
+  runs under it).
 
 Two CTAs share an SM (32K registers and ~113 KB of shared memory each), so one CTA's
 softmax runs under the other's matrix products, as the two consumer warpgroups of
@@ -107,10 +107,6 @@ PDL = True
 # Benchmarks and tests may set this to replace causal_head_group's choice (1: each head's
 # tiles together).
 HEAD_GROUP_OVERRIDE: int | None = None
-# By padded head dim: issue the next block's Q K^T before the softmax (it then runs under
-# it) instead of beside the block's P~ V. docs/kernel_notes.md, session 13 (H100, kernel
-# alone, 3 rounds): +1-5% at D = 128, +0.4-1.2% at D = 64 (under the 1% the A/B required).
-EARLY_QK = {64: False, 128: True}
 
 
 def min_work(dpad: int) -> int:
@@ -329,13 +325,17 @@ if AVAILABLE:
         N_Q, N_K, causal_offset,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
-        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, EARLY_QK: gl.constexpr,
+        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr,
     ):
         """The consumer warpgroup: the 64 query rows from ``start_m``, over all
         ``n_blocks`` K/V blocks of the CTA (``[0, lo_masked)`` need no mask). Q and O point
         at this (batch, head)."""
         ROWS: gl.constexpr = 64
+        # Per head dim, measured (docs/kernel_notes.md, session 13, H100, kernel alone): the
+        # scores to fp32 by I2FP (+7-11% at D = 64, 1-2% slower at D = 128), and the next
+        # block's Q K^T issued before the softmax (+1-5% at D = 128, +0.4-1.2% at D = 64).
         CVT_I2F: gl.constexpr = DPAD <= 64
+        EARLY_QK: gl.constexpr = DPAD > 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 32])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -436,7 +436,7 @@ if AVAILABLE:
         H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, STATS_STRIDE, causal_offset, HEAD_GROUP,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
-        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, EARLY_QK: gl.constexpr, num_warps: gl.constexpr,
+        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, num_warps: gl.constexpr,
     ):
         gl.static_assert(num_warps == 4, "the default partition is the consumer warpgroup")
         BLOCK_M: gl.constexpr = 64
@@ -495,8 +495,7 @@ if AVAILABLE:
                          q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
                          score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
                          N_Q, N_K, causal_offset,
-                         HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT,
-                         EARLY_QK)),
+                         HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
             (_producer, (k_desc, v_desc, K_scale, Stats + STATS_STRIDE + bh_kv * DPAD, k_smem, v_smem, ks_smem, vs_smem,
                          ready, empty, n_blocks, k_row, v_row, kv_row0, STATS_STRIDE,
                          DPAD, BLOCK_N, STAGES, SMOOTH_V)),
@@ -543,5 +542,5 @@ def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig,
         causal_head_group(batch * hq, rows // batch, dpad) if causal else 1,
         HEAD_DIM=head_dim, DPAD=dpad, BLOCK_N=tiles.BLOCK_N, Q_GROUP=config.q_group, STAGES=tiles.STAGES,
         CAUSAL=causal, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, RETURN_LSE=lse is not None,
-        P_SHIFT=p_shift, EARLY_QK=EARLY_QK.get(dpad, False), num_warps=4, maxnreg=128, launch_pdl=PDL,
+        P_SHIFT=p_shift, num_warps=4, maxnreg=128, launch_pdl=PDL,
     )
