@@ -137,9 +137,7 @@ if AVAILABLE:
     @gluon.jit
     def _i32_to_f32(x, CVT: gl.constexpr):
         """int32 -> fp32, exact for |x| < 2^22: with CVT the conversion instruction (I2FP),
-        else an integer add and an fp32 subtraction (the bit trick of attention.py). Per
-        docs/kernel_notes.md, session 13 (H100, kernel alone): I2FP is 7-11% faster at
-        D = 64 and 1-2% slower at D = 128 without a mask."""
+        else an integer add and an fp32 subtraction (the bit trick of attention.py)."""
         if CVT:
             return x.to(gl.float32)
         else:
@@ -183,21 +181,33 @@ if AVAILABLE:
         return packed.to(gl.float8e4nv, bitcast=True)
 
     @gluon.jit
-    def _scores(s_int, CVT_I2F: gl.constexpr):
-        """``s_int = Q K^T`` of a block as fp32, split into its two halves of keys: the
-        halves are scaled separately so that each K scale folds into the row scale, one FMA
-        per score (a K group covers at least half a block; dispatch checks)."""
-        M: gl.constexpr = s_int.shape[0]
-        HALF: gl.constexpr = s_int.shape[1] // 2
-        return gl.split(gl.permute(gl.reshape(_i32_to_f32(s_int, CVT_I2F), [M, 2, HALF]), (0, 2, 1)))
+    def _halves(x):
+        """A block's [M, BLOCK_N] tile as its two [M, BLOCK_N / 2] halves of keys."""
+        M: gl.constexpr = x.shape[0]
+        HALF: gl.constexpr = x.shape[1] // 2
+        return gl.split(gl.permute(gl.reshape(x, [M, 2, HALF]), (0, 2, 1)))
 
     @gluon.jit
-    def _softmax(t0, t1, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
+    def _scores(s_int, I2F_HALVES: gl.constexpr):
+        """``s_int = Q K^T`` of a block as fp32, split into its two halves of keys: the
+        halves are scaled separately so that each K scale folds into the row scale, one FMA
+        per score (a K group covers at least half a block; dispatch checks). The first
+        ``I2F_HALVES`` halves are converted by I2FP, the others by the bit trick (at D = 128
+        one of each ran faster than either alone: docs/kernel_notes.md, session 14)."""
+        if I2F_HALVES == 1:
+            h0, h1 = _halves(s_int)
+            return _i32_to_f32(h0, True), _i32_to_f32(h1, False)
+        return _halves(_i32_to_f32(s_int, I2F_HALVES == 2))
+
+    @gluon.jit
+    def _softmax(t0, t1, t_max0, t_max1, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
                  BLOCK_N: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr, P_SHIFT: gl.constexpr,
                  s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
         """Online softmax of block j from its scores' halves ``t0``, ``t1`` (:func:`_scores`)
         and their K scales: P~ in FP8 (wgmma's register operand), the factor that rescales
-        the accumulator, the new row max and row sum."""
+        the accumulator, the new row max and row sum. Without a mask the row maxima of the
+        halves are ``t_max0``, ``t_max1`` (:func:`_block`); with one they are taken after
+        masking."""
         M: gl.constexpr = t0.shape[0]
         HALF: gl.constexpr = BLOCK_N // 2
         half_layout: gl.constexpr = t0.type.layout
@@ -222,8 +232,8 @@ if AVAILABLE:
             p1 = gl.exp2(s1 - (m_use - P_SHIFT)[:, None])
         else:
             # scales >= 0, so max_c S = scale * max_c t
-            m_new = gl.maximum(m_i, gl.maximum(gl.convert_layout(_row_max(t0), rows) * sc0,
-                                               gl.convert_layout(_row_max(t1), rows) * sc1))
+            m_new = gl.maximum(m_i, gl.maximum(gl.convert_layout(t_max0, rows) * sc0,
+                                               gl.convert_layout(t_max1, rows) * sc1))
             m_use = m_new
             p0 = gl.exp2(t0 * sc0[:, None] - (m_use - P_SHIFT)[:, None])
             p1 = gl.exp2(t1 * sc1[:, None] - (m_use - P_SHIFT)[:, None])
@@ -256,20 +266,30 @@ if AVAILABLE:
     def _block(j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
-               CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr, CVT_I2F: gl.constexpr,
+               CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr, I2F_HALVES: gl.constexpr,
                EARLY_QK: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
         """Block j: softmax of its scores ``s_int`` (K scales ``ks0``, ``ks1``), then its
         P~ V and, with ISSUE_NEXT, block j + 1's Q K^T (whose scores and K scales are
         returned), then the accumulator update and the release of its K/V slot. With
         EARLY_QK the next Q K^T is issued before the softmax, once the scores are in fp32
-        registers, and runs under it.
+        registers, and runs under it. An unmasked block's row max is taken over the int32
+        scores, before their conversion: exact (the scales are >= 0, and rounding is
+        monotonic), off the conversion's path, and in three-input integer max instructions
+        (VIMNMX3), half as many as the fp32 ones.
         P~ is consumed in the iteration that makes it: carried across iterations, its FP8
         bytes were unpacked and repacked (~200 instructions per block)."""
-        t0, t1 = _scores(s_int, CVT_I2F)
+        if MASKED:  # unused: the max is taken after masking
+            t_max0 = 0.0
+            t_max1 = 0.0
+        else:
+            i0, i1 = _halves(s_int)
+            t_max0 = _row_max(i0).to(gl.float32)
+            t_max1 = _row_max(i1).to(gl.float32)
+        t0, t1 = _scores(s_int, I2F_HALVES)
         if ISSUE_NEXT and EARLY_QK:
             s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES)
-        p8, alpha, m_i, l_i = _softmax(t0, t1, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
-                                       BLOCK_N, MASKED, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
+        p8, alpha, m_i, l_i = _softmax(t0, t1, t_max0, t_max1, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k,
+                                       causal_offset, BLOCK_N, MASKED, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
         pv_tok = warpgroup_mma(p8, v_smem.index(j % STAGES).permute((1, 0)), o_zero, use_acc=False, is_async=True)
         if ISSUE_NEXT and not EARLY_QK:
             s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES)
@@ -331,10 +351,12 @@ if AVAILABLE:
         ``n_blocks`` K/V blocks of the CTA (``[0, lo_masked)`` need no mask). Q and O point
         at this (batch, head)."""
         ROWS: gl.constexpr = 64
-        # Per head dim, measured (docs/kernel_notes.md, session 13, H100, kernel alone): the
-        # scores to fp32 by I2FP (+7-11% at D = 64, 1-2% slower at D = 128), and the next
-        # block's Q K^T issued before the softmax (+1-5% at D = 128, +0.4-1.2% at D = 64).
-        CVT_I2F: gl.constexpr = DPAD <= 64
+        # Per head dim, measured (docs/kernel_notes.md, sessions 13-14, H100, kernel alone):
+        # the scores to fp32 by I2FP (+7-11% at D = 64; at D = 128 1-2% slower than the bit
+        # trick, and half by I2FP, half by the bit trick +1.9% in the median), the next
+        # block's Q K^T issued before the softmax (+1-5% at D = 128; at D = 64 +0.4-1.2%
+        # with the fp32 row max, -3.5% with the integer one).
+        I2F_HALVES: gl.constexpr = 2 if DPAD <= 64 else 1
         EARLY_QK: gl.constexpr = DPAD > 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 32])
@@ -389,22 +411,22 @@ if AVAILABLE:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, CVT_I2F, EARLY_QK, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout)
             for j in range(lo_masked, last):
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, CVT_I2F, EARLY_QK, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout)
             if last >= lo_masked:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, CVT_I2F, EARLY_QK, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout)
             else:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, CVT_I2F, EARLY_QK, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout)
 
         # -- epilogue: acc / l, undo the V scales; rows with no key give 0 (and with no
         # block, vs_smem was never written: its values are not used) --
