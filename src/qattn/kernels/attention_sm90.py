@@ -188,16 +188,25 @@ if AVAILABLE:
         return gl.split(gl.permute(gl.reshape(x, [M, 2, HALF]), (0, 2, 1)))
 
     @gluon.jit
-    def _scores(s_int, I2F_HALVES: gl.constexpr):
+    def _scores(s_int, I2F_HALVES: gl.constexpr, ROW_MAX: gl.constexpr):
         """``s_int = Q K^T`` of a block as fp32, split into its two halves of keys: the
         halves are scaled separately so that each K scale folds into the row scale, one FMA
         per score (a K group covers at least half a block; dispatch checks). The first
         ``I2F_HALVES`` halves are converted by I2FP, the others by the bit trick (at D = 128
-        one of each ran faster than either alone: docs/kernel_notes.md, session 14)."""
-        if I2F_HALVES == 1:
-            h0, h1 = _halves(s_int)
-            return _i32_to_f32(h0, True), _i32_to_f32(h1, False)
-        return _halves(_i32_to_f32(s_int, I2F_HALVES == 2))
+        one of each ran faster than either alone: docs/kernel_notes.md, session 14).
+        With ROW_MAX also each half's row max, taken over the int32 scores before their
+        conversion: exact (scale * max t = max(scale * t) for scales >= 0, rounding being
+        monotonic), off the conversion's path, and in three-input integer max instructions
+        (VIMNMX3), half as many as the fp32 ones. Without it (a masked block, whose max is
+        taken after masking) the maxima returned are unused zeros."""
+        h0, h1 = _halves(s_int)
+        if ROW_MAX:
+            max0 = _row_max(h0).to(gl.float32)
+            max1 = _row_max(h1).to(gl.float32)
+        else:
+            max0 = 0.0
+            max1 = 0.0
+        return _i32_to_f32(h0, I2F_HALVES >= 1), _i32_to_f32(h1, I2F_HALVES == 2), max0, max1
 
     @gluon.jit
     def _softmax(t0, t1, t_max0, t_max1, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k, causal_offset,
@@ -206,7 +215,7 @@ if AVAILABLE:
         """Online softmax of block j from its scores' halves ``t0``, ``t1`` (:func:`_scores`)
         and their K scales: P~ in FP8 (wgmma's register operand), the factor that rescales
         the accumulator, the new row max and row sum. Without a mask the row maxima of the
-        halves are ``t_max0``, ``t_max1`` (:func:`_block`); with one they are taken after
+        halves are ``t_max0``, ``t_max1`` (:func:`_scores`); with one they are taken after
         masking."""
         M: gl.constexpr = t0.shape[0]
         HALF: gl.constexpr = BLOCK_N // 2
@@ -272,20 +281,10 @@ if AVAILABLE:
         P~ V and, with ISSUE_NEXT, block j + 1's Q K^T (whose scores and K scales are
         returned), then the accumulator update and the release of its K/V slot. With
         EARLY_QK the next Q K^T is issued before the softmax, once the scores are in fp32
-        registers, and runs under it. An unmasked block's row max is taken over the int32
-        scores, before their conversion: exact (the scales are >= 0, and rounding is
-        monotonic), off the conversion's path, and in three-input integer max instructions
-        (VIMNMX3), half as many as the fp32 ones.
+        registers, and runs under it.
         P~ is consumed in the iteration that makes it: carried across iterations, its FP8
         bytes were unpacked and repacked (~200 instructions per block)."""
-        if MASKED:  # unused: the max is taken after masking
-            t_max0 = 0.0
-            t_max1 = 0.0
-        else:
-            i0, i1 = _halves(s_int)
-            t_max0 = _row_max(i0).to(gl.float32)
-            t_max1 = _row_max(i1).to(gl.float32)
-        t0, t1 = _scores(s_int, I2F_HALVES)
+        t0, t1, t_max0, t_max1 = _scores(s_int, I2F_HALVES, not MASKED)
         if ISSUE_NEXT and EARLY_QK:
             s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES)
         p8, alpha, m_i, l_i = _softmax(t0, t1, t_max0, t_max1, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k,
