@@ -405,6 +405,34 @@ def test_gpu_sm90_kernel_long_gqa_odd_lengths(config_name, head_dim, causal_mode
     assert_lse_close(lse, portable_lse)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal_mode", [None, "bottom-right"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_sm90_kv_loads_with_and_without_producer_warp(head_dim, causal_mode, monkeypatch):
+    """The Gluon kernel's two ways to load K/V (a producer warp, or the consumer warpgroup
+    itself STAGES - 1 blocks ahead; the table picks one per head dim) change only who issues
+    the loads: outputs and LSE bit-identical, over a ring that wraps several times, GQA and
+    lengths that are not block multiples, and the same as the reference."""
+    config = CONFIGS["sage2-8b"]
+    monkeypatch.setattr(attention_sm90, "MIN_WORK", 0)
+    if kernel_name(config, head_dim, causal_mode is not None, "cuda") != "gluon-sm90":
+        pytest.skip("the Gluon kernel does not run here (needs sm_90 and a tested Triton)")
+    q, k, v = make_inputs(2, 8, 2, 1000, 1531, head_dim, dtype=torch.bfloat16, device="cuda", k_bias=4.0,
+                          seed=head_dim + 15)
+    offset = causal_offset_for(causal_mode, 1000, 1531)
+    results = []
+    for producer_warp in (True, False):
+        for stages in (2, 3):
+            monkeypatch.setattr(attention_sm90, "_CONFIG_OVERRIDE",
+                                attention_sm90.HopperConfig(128, stages, PRODUCER_WARP=producer_warp))
+            results.append(attention_forward(q, k, v, config, sm_scale=None, causal_offset=offset, return_lse=True))
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+    ref, ref_lse = run_reference(q, k, v, config, offset)
+    assert_close_to_reference(results[0][0], ref)
+    assert_lse_close(results[0][1], ref_lse)
+
+
 def test_causal_head_group_keeps_kv_within_l2_budget(monkeypatch):
     group = attention_sm90.causal_head_group
     assert group(128, 4096, 128) == 4  # 1 MiB of quantized K/V per head, 4 MiB budget

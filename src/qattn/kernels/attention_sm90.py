@@ -1,9 +1,9 @@
-"""SageAttention2 forward for Hopper (sm_90) in Triton's Gluon dialect, warp-specialized.
+"""SageAttention2 forward for Hopper (sm_90) in Triton's Gluon dialect (warp-specialized at D = 128).
 
 The algorithm of :func:`qattn.kernels.attention._attn_fwd_kernel` for the cases it takes
 (INT8 QK^T, FP8 P~V with two-level fp32 accumulation, no user mask, dense batches),
 written against the hardware instead of through ``tl.dot``. A CTA has 64 query rows and
-two partitions (``gl.warp_specialize``):
+(at D = 128) two partitions (``gl.warp_specialize``):
 
 * a producer warp (24 registers) that TMA-loads K (INT8, ``[BLOCK_N, DPAD]``) and V^T
   (FP8, ``[DPAD, BLOCK_N]``) tiles, and stores the block's two K scales, into a ring of
@@ -21,6 +21,13 @@ FlashAttention-3's ping-pong do, and one CTA's Q prologue and epilogue run under
 other's main loop, which a ping-pong inside one CTA cannot hide (docs/kernel_notes.md,
 session 8: 1.0-1.24x the two-warpgroup CTA's speed below 16k keys, D=64 1.05-1.13x,
 0.985x at 16k).
+
+At D = 64 there is no producer warp (``HopperConfig.PRODUCER_WARP``): the consumer
+warpgroup issues the TMA loads itself, STAGES - 1 blocks ahead, and reads the K scales from
+global memory one block ahead. A CTA is then 4 warps of 168 registers, and three share an
+SM: the softmax, a chain of dependent instructions that two warps per scheduler leave
+half idle (docs/kernel_notes.md, session 15), has a third warp to hide it (kernel alone
++3-8% and +0-13% in two runs, whole call -1% to +8%). The padded producer warpgroup of the other form costs a CTA's worth of registers.
 
 The softmax is written for instruction count (docs/kernel_notes.md, session 5): the two
 K scales of a block fold into the row scale (one FMA per score), row reductions are
@@ -66,27 +73,38 @@ __all__ = ["AVAILABLE", "TESTED_TRITON", "HopperConfig", "hopper_config", "kv_de
 
 class HopperConfig:
     """Tiles of the Gluon kernel: BLOCK_N keys per block (the online-softmax block, as the
-    reference's block_kv) and STAGES K/V slots in flight. A CTA always has BLOCK_M = 64
-    query rows, quantized together (a Q group must fit)."""
+    reference's block_kv) and STAGES K/V slots in flight; with PRODUCER_WARP a producer warp
+    loads them, else the consumer warpgroup itself. A CTA always has BLOCK_M = 64 query rows,
+    quantized together (a Q group must fit)."""
 
-    __slots__ = ("BLOCK_N", "STAGES")
+    __slots__ = ("BLOCK_N", "STAGES", "PRODUCER_WARP")
     BLOCK_M = 64
 
-    def __init__(self, BLOCK_N: int, STAGES: int):
-        self.BLOCK_N, self.STAGES = BLOCK_N, STAGES
+    def __init__(self, BLOCK_N: int, STAGES: int, PRODUCER_WARP: bool = True):
+        self.BLOCK_N, self.STAGES, self.PRODUCER_WARP = BLOCK_N, STAGES, PRODUCER_WARP
+
+    @property
+    def maxnreg(self) -> int:
+        """Registers per thread at launch. With the producer warp: 4 + 1 (padded to 4) warps
+        at 128 take half the SM's 64K, so two CTAs fit, and setmaxnreg then moves them to 232
+        per consumer thread and 24 per producer thread. Without it: 4 warps at 168, so three
+        CTAs fit."""
+        return 128 if self.PRODUCER_WARP else 168
 
     def __repr__(self) -> str:
-        return f"HopperConfig({self.BLOCK_N}, {self.STAGES})"
+        return f"HopperConfig({self.BLOCK_N}, {self.STAGES}, PRODUCER_WARP={self.PRODUCER_WARP})"
 
 
 # (padded head dim, causal) -> tiles, measured on an H100 (docs/kernel_notes.md, session
 # 10, whole calls of the two-CTA kernel alternated in one run): BLOCK_N = 128 beats 64 at
-# D = 128 and D = 64, causal and not; at D = 64, 4 stages beat 3, 5 and 6 without a mask
-# (+3-6%) and tie with them (+-3%) when causal. At D = 128 two CTAs of 3 stages fill an
-# SM's shared memory.
+# D = 128 and D = 64, causal and not. At D = 128 two CTAs of 3 stages fill an SM's shared
+# memory. At D = 64, without the producer warp, three CTAs of 3 stages share an SM (168
+# registers per thread): kernel alone +3-8% and +0-13% in two runs over two CTAs with a
+# producer warp and 4 stages (session 15; 2 stages +0-7%); at D = 128 the consumer needs ~230
+# registers, so two CTAs either way, and the producer warp ran level (0.995x).
 _CONFIGS = {
-    (64, False): HopperConfig(128, 4),
-    (64, True): HopperConfig(128, 4),
+    (64, False): HopperConfig(128, 3, PRODUCER_WARP=False),
+    (64, True): HopperConfig(128, 3, PRODUCER_WARP=False),
     (128, False): HopperConfig(128, 3),
     (128, True): HopperConfig(128, 3),
 }
@@ -263,11 +281,18 @@ if AVAILABLE:
         return gl.sum(gl.where(half == 0, ks, 0.0), axis=0), gl.sum(gl.where(half == 1, ks, 0.0), axis=0)
 
     @gluon.jit
-    def _issue_qk(q_smem, k_smem, ks_smem, ready, j, s_zero, STAGES: gl.constexpr):
-        """Wait for block j's K/V slot, read its two K scales, issue its Q K^T (async)."""
+    def _issue_qk(q_smem, k_smem, ks_smem, ready, j, s_zero, STAGES: gl.constexpr, PRODUCER_WARP: gl.constexpr,
+                  ks_ptr, BLOCK_N: gl.constexpr):
+        """Wait for block j's K/V slot, read its two K scales (from the slot, or without the
+        producer warp from ``ks_ptr``: the loads are issued before the wait, and the scales
+        are first used by the next iteration's softmax), issue its Q K^T (async)."""
         slot = j % STAGES
+        if not PRODUCER_WARP:
+            ks0 = gl.load(ks_ptr + j * BLOCK_N)
+            ks1 = gl.load(ks_ptr + j * BLOCK_N + BLOCK_N // 2)
         mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-        ks0, ks1 = _k_scales(ks_smem.index(slot))
+        if PRODUCER_WARP:
+            ks0, ks1 = _k_scales(ks_smem.index(slot))
         s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         return s_tok, ks0, ks1
 
@@ -276,7 +301,8 @@ if AVAILABLE:
                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr, I2F_HALVES: gl.constexpr,
-               EARLY_QK: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+               EARLY_QK: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+               PRODUCER_WARP: gl.constexpr, ks_ptr, tma_args):
         """Block j: softmax of its scores ``s_int`` (K scales ``ks0``, ``ks1``), then its
         P~ V and, with ISSUE_NEXT, block j + 1's Q K^T (whose scores and K scales are
         returned), then the accumulator update and the release of its K/V slot. With
@@ -284,22 +310,42 @@ if AVAILABLE:
         registers, and runs under it.
         P~ is consumed in the iteration that makes it: carried across iterations, its FP8
         bytes were unpacked and repacked (~200 instructions per block)."""
+        if not PRODUCER_WARP:  # block j + STAGES - 1 into the slot that block j - 1 released
+            _load_kv(j + STAGES - 1, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
         t0, t1, t_max0, t_max1 = _scores(s_int, I2F_HALVES, not MASKED)
         if ISSUE_NEXT and EARLY_QK:
-            s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES)
+            s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES,
+                                                  PRODUCER_WARP, ks_ptr, BLOCK_N)
         p8, alpha, m_i, l_i = _softmax(t0, t1, t_max0, t_max1, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k,
                                        causal_offset, BLOCK_N, MASKED, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
         pv_tok = warpgroup_mma(p8, v_smem.index(j % STAGES).permute((1, 0)), o_zero, use_acc=False, is_async=True)
         if ISSUE_NEXT and not EARLY_QK:
-            s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES)
+            s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES,
+                                                  PRODUCER_WARP, ks_ptr, BLOCK_N)
         if ISSUE_NEXT:
             s_int, pv = warpgroup_mma_wait(0, deps=(s_tok, pv_tok))
             ks0, ks1 = ks0_next, ks1_next
         else:
             pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
         acc = acc * alpha[:, None] + pv  # one FMA per element (two-level accumulation)
-        mbarrier.arrive(empty.index(j % STAGES), count=1)
+        if PRODUCER_WARP:
+            mbarrier.arrive(empty.index(j % STAGES), count=1)
         return s_int, ks0, ks1, acc, m_i, l_i
+
+    @gluon.jit
+    def _load_kv(j, k_smem, v_smem, ready, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, tma_args):
+        """Without the producer warp: TMA block j's K and V^T into its slot (nothing when j
+        is past the last block). The consumer calls it for block j + STAGES - 1 at the start of
+        block j, into the slot that block j - 1 released (its wgmmas were waited for)."""
+        k_desc, v_desc, k_row, v_row, kv_row0, n_blocks = tma_args
+        slot = j % STAGES
+        go = j < n_blocks
+        bar = ready.index(slot)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=go)
+        tma.async_copy_global_to_shared(k_desc, [(k_row + j * BLOCK_N).to(gl.int32), 0], bar, k_smem.index(slot),
+                                        pred=go)
+        tma.async_copy_global_to_shared(v_desc, [v_row.to(gl.int32), (kv_row0 + j * BLOCK_N).to(gl.int32)],
+                                        bar, v_smem.index(slot), pred=go)
 
     @gluon.jit
     def _producer(k_desc, v_desc, K_scale, V_stats, k_smem, v_smem, ks_smem, vs_smem, ready, empty, n_blocks, k_row,
@@ -344,11 +390,15 @@ if AVAILABLE:
         N_Q, N_K, causal_offset,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
-        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr,
+        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, PRODUCER_WARP: gl.constexpr, ks_ptr, v_stats_ptr,
+        STATS_STRIDE, tma_args,
     ):
         """The consumer warpgroup: the 64 query rows from ``start_m``, over all
         ``n_blocks`` K/V blocks of the CTA (``[0, lo_masked)`` need no mask). Q and O point
-        at this (batch, head)."""
+        at this (batch, head). Without the producer warp it also issues the K/V loads
+        (``tma_args``: descriptors, rows, block count; :func:`_load_kv`), reads the K scales
+        from global memory (``ks_ptr``, this sequence's first token) one block ahead, and the
+        V statistics (``v_stats_ptr``) in the epilogue."""
         ROWS: gl.constexpr = 64
         # Per head dim, measured (docs/kernel_notes.md, sessions 13-14, H100, kernel alone):
         # the scores to fp32 by I2FP (+7-11% at D = 64; at D = 128 1-2% slower than the bit
@@ -368,6 +418,10 @@ if AVAILABLE:
         io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
         io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
 
+        if not PRODUCER_WARP:  # the first STAGES - 1 blocks in flight while Q is read
+            gdc_wait()  # (under programmatic dependent launch: the K/V quantization's results)
+            for i in gl.static_range(STAGES - 1):
+                _load_kv(i, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
         # -- prologue: Q (any strides) -> INT8 with one scale per Q_GROUP rows --
         offs_m_io = start_m + gl.arange(0, ROWS, layout=io_rows)
         offs_d_io = gl.arange(0, DPAD, layout=io_cols)
@@ -403,29 +457,34 @@ if AVAILABLE:
         o_zero = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
         offs_m = start_m + gl.arange(0, ROWS, layout=s_rows)
         if n_blocks > 0:
-            s_tok, ks0, ks1 = _issue_qk(q_smem, k_smem, ks_smem, ready, 0, s_zero, STAGES)
+            s_tok, ks0, ks1 = _issue_qk(q_smem, k_smem, ks_smem, ready, 0, s_zero, STAGES, PRODUCER_WARP, ks_ptr,
+                                        BLOCK_N)
             s_int = warpgroup_mma_wait(0, deps=(s_tok, ))
             last = n_blocks - 1
             for j in range(0, gl.minimum(lo_masked, last)):
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
+                    PRODUCER_WARP, ks_ptr, tma_args)
             for j in range(lo_masked, last):
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
+                    PRODUCER_WARP, ks_ptr, tma_args)
             if last >= lo_masked:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
+                    PRODUCER_WARP, ks_ptr, tma_args)
             else:
                 s_int, ks0, ks1, acc, m_i, l_i = _block(
                     last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
                     q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                    BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout)
+                    BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
+                    PRODUCER_WARP, ks_ptr, tma_args)
 
         # -- epilogue: acc / l, undo the V scales; rows with no key give 0 (and with no
         # block, vs_smem was never written: its values are not used) --
@@ -434,9 +493,15 @@ if AVAILABLE:
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
         out = acc * gl.convert_layout(1.0 / l_safe, o_rows)[:, None]  # both carry 448: it cancels
-        out = out * vs_smem.index(0).load(o_cols)[None, :]  # amax / 448
-        if SMOOTH_V:
-            out = out + vs_smem.index(1).load(o_cols)[None, :]
+        if PRODUCER_WARP:
+            out = out * vs_smem.index(0).load(o_cols)[None, :]  # amax / 448
+            if SMOOTH_V:
+                out = out + vs_smem.index(1).load(o_cols)[None, :]
+        else:
+            o_channels = gl.arange(0, DPAD, layout=o_cols)
+            out = out * gl.load(v_stats_ptr + o_channels)[None, :]
+            if SMOOTH_V:
+                out = out + gl.load(v_stats_ptr + STATS_STRIDE + o_channels)[None, :]
         out = gl.where(gl.convert_layout(empty_row, o_rows)[:, None], 0.0, out)
         out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
         gl.store(O + offs_m_io[:, None] * stride_on + offs_d_io[None, :] * stride_od, out, mask=io_mask)
@@ -457,7 +522,7 @@ if AVAILABLE:
         H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, STATS_STRIDE, causal_offset, HEAD_GROUP,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
-        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, num_warps: gl.constexpr,
+        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr,
     ):
         gl.static_assert(num_warps == 4, "the default partition is the consumer warpgroup")
         BLOCK_M: gl.constexpr = 64
@@ -503,24 +568,40 @@ if AVAILABLE:
         # the V channel scale (and with SMOOTH_V the V mean) of this kv head, a row each
         vs_smem = gl.allocate_shared_memory(gl.float32, [2 if SMOOTH_V else 1, DPAD],  # the layout of one row
                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+        # (without the producer warp, ks_smem, vs_smem and the "empty" barriers go unused: a
+        # few hundred bytes, and one code path for the consumer's arguments)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=2)  # the TMA bytes' arrival and the K scales' one
+            # the TMA bytes' arrival (and the producer's, once the K scales are in the slot)
+            mbarrier.init(ready.index(i), count=2 if PRODUCER_WARP else 1)
             mbarrier.init(empty.index(i), count=1)
 
         q_base = Q + b * stride_qb + h * stride_qh
         o_base = O + b * stride_ob + h * stride_oh
-        gl.warp_specialize([
-            (_consumer, (q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
-                         q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
-                         score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
-                         N_Q, N_K, causal_offset,
-                         HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT)),
-            (_producer, (k_desc, v_desc, K_scale, Stats + STATS_STRIDE + bh_kv * DPAD, k_smem, v_smem, ks_smem, vs_smem,
-                         ready, empty, n_blocks, k_row, v_row, kv_row0, STATS_STRIDE,
-                         DPAD, BLOCK_N, STAGES, SMOOTH_V)),
-        ], [1], [24])
+        tma_args = (k_desc, v_desc, k_row, v_row, kv_row0, n_blocks)
+        if not PRODUCER_WARP:
+            gl.static_assert(STAGES >= 2, "a slot is refilled while the next block's is read")
+            fence_async_shared()  # the barriers' initialisation, before the TMA engine uses them
+            gl.thread_barrier()  # and before any warp waits on them
+            _consumer(q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
+                      q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
+                      score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
+                      N_Q, N_K, causal_offset,
+                      HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT,
+                      False, K_scale + k_row, Stats + STATS_STRIDE + bh_kv * DPAD, STATS_STRIDE, tma_args)
+        else:
+            gl.warp_specialize([
+                (_consumer, (q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
+                             q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
+                             score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
+                             N_Q, N_K, causal_offset,
+                             HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE,
+                             P_SHIFT, True, K_scale, Stats, STATS_STRIDE, tma_args)),
+                (_producer, (k_desc, v_desc, K_scale, Stats + STATS_STRIDE + bh_kv * DPAD, k_smem, v_smem, ks_smem,
+                             vs_smem, ready, empty, n_blocks, k_row, v_row, kv_row0, STATS_STRIDE,
+                             DPAD, BLOCK_N, STAGES, SMOOTH_V)),
+            ], [1], [24])
 
     _launch_sage_fwd_sm90 = CachedLauncher(_sage_fwd_sm90)
 
@@ -552,8 +633,6 @@ def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig,
     k_desc, v_desc = kv_descriptors(kv, tiles.BLOCK_N)
     causal = causal_offset is not None
     grid = (cdiv(nq, tiles.BLOCK_M), batch * hq)
-    # 4 + 1 (padded to 4) warps at 128 registers take half the SM's 64K, so two CTAs fit;
-    # setmaxnreg then moves them to 232 per consumer thread and 24 per producer thread
     _launch_sage_fwd_sm90[grid](
         q, *q_strides, k_desc, v_desc, kv.k_scale, kv.stats,
         out, *out_strides,
@@ -563,5 +642,5 @@ def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig,
         causal_head_group(batch * hq, rows // batch, dpad) if causal else 1,
         HEAD_DIM=head_dim, DPAD=dpad, BLOCK_N=tiles.BLOCK_N, Q_GROUP=config.q_group, STAGES=tiles.STAGES,
         CAUSAL=causal, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, RETURN_LSE=lse is not None,
-        P_SHIFT=p_shift, num_warps=4, maxnreg=128, launch_pdl=PDL,
+        P_SHIFT=p_shift, PRODUCER_WARP=tiles.PRODUCER_WARP, num_warps=4, maxnreg=tiles.maxnreg, launch_pdl=PDL,
     )
