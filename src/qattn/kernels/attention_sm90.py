@@ -27,7 +27,8 @@ warpgroup issues the TMA loads itself, STAGES - 1 blocks ahead, and reads the K 
 global memory one block ahead. A CTA is then 4 warps of 168 registers, and three share an
 SM: the softmax, a chain of dependent instructions that two warps per scheduler leave
 half idle (docs/kernel_notes.md, session 15), has a third warp to hide it (kernel alone
-+3-8% and +0-13% in two runs, whole call -1% to +8%). The padded producer warpgroup of the other form costs a CTA's worth of registers.
++3-8% and +0-13% in two runs, whole call -1% to +8%). The padded producer warpgroup of the
+other form costs a CTA's worth of registers.
 
 The softmax is written for instruction count (docs/kernel_notes.md, session 5): the two
 K scales of a block fold into the row scale (one FMA per score), row reductions are
@@ -311,7 +312,7 @@ if AVAILABLE:
         P~ is consumed in the iteration that makes it: carried across iterations, its FP8
         bytes were unpacked and repacked (~200 instructions per block)."""
         if not PRODUCER_WARP:  # block j + STAGES - 1 into the slot that block j - 1 released
-            _load_kv(j + STAGES - 1, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
+            _load_kv(j + STAGES - 1, j + STAGES - 1 < tma_args[5], k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
         t0, t1, t_max0, t_max1 = _scores(s_int, I2F_HALVES, not MASKED)
         if ISSUE_NEXT and EARLY_QK:
             s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES,
@@ -333,19 +334,20 @@ if AVAILABLE:
         return s_int, ks0, ks1, acc, m_i, l_i
 
     @gluon.jit
-    def _load_kv(j, k_smem, v_smem, ready, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, tma_args):
-        """Without the producer warp: TMA block j's K and V^T into its slot (nothing when j
-        is past the last block). The consumer calls it for block j + STAGES - 1 at the start of
-        block j, into the slot that block j - 1 released (its wgmmas were waited for)."""
+    def _load_kv(j, pred, k_smem, v_smem, ready, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, tma_args):
+        """TMA block j's K and V^T into its slot, announcing their bytes on its ``ready``
+        barrier (nothing where ``pred`` is false). The producer warp calls it for every block;
+        without it the consumer calls it for block j + STAGES - 1 at the start of block j,
+        into the slot that block j - 1 released (its wgmmas were waited for), with
+        ``pred = j + STAGES - 1 < n_blocks``."""
         k_desc, v_desc, k_row, v_row, kv_row0, n_blocks = tma_args
         slot = j % STAGES
-        go = j < n_blocks
         bar = ready.index(slot)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=go)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
         tma.async_copy_global_to_shared(k_desc, [(k_row + j * BLOCK_N).to(gl.int32), 0], bar, k_smem.index(slot),
-                                        pred=go)
+                                        pred=pred)
         tma.async_copy_global_to_shared(v_desc, [v_row.to(gl.int32), (kv_row0 + j * BLOCK_N).to(gl.int32)],
-                                        bar, v_smem.index(slot), pred=go)
+                                        bar, v_smem.index(slot), pred=pred)
 
     @gluon.jit
     def _producer(k_desc, v_desc, K_scale, V_stats, k_smem, v_smem, ks_smem, vs_smem, ready, empty, n_blocks, k_row,
@@ -369,18 +371,15 @@ if AVAILABLE:
         halves_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32], warps_per_cta=[1],
                                                        order=[0])
         halves = gl.arange(0, 2, layout=halves_layout) * (BLOCK_N // 2)
+        tma_args = (k_desc, v_desc, k_row, v_row, kv_row0, n_blocks)
         for j in range(n_blocks):
             slot = j % STAGES
             # a fresh mbarrier counts as having completed the phase before phase 0
             mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
-            bar = ready.index(slot)
-            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [(k_row + j * BLOCK_N).to(gl.int32), 0], bar, k_smem.index(slot))
-            tma.async_copy_global_to_shared(v_desc, [v_row.to(gl.int32), (kv_row0 + j * BLOCK_N).to(gl.int32)],
-                                            bar, v_smem.index(slot))
+            _load_kv(j, True, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
             ks_smem.index(slot).store(gl.load(K_scale + k_row + j * BLOCK_N + halves))
             gl.thread_barrier()  # whichever lane stored (the K scales, at j = 0 the V statistics) before the arrival
-            mbarrier.arrive(bar, count=1)
+            mbarrier.arrive(ready.index(slot), count=1)
 
     @gluon.jit
     def _consumer(
@@ -421,7 +420,7 @@ if AVAILABLE:
         if not PRODUCER_WARP:  # the first STAGES - 1 blocks in flight while Q is read
             gdc_wait()  # (under programmatic dependent launch: the K/V quantization's results)
             for i in gl.static_range(STAGES - 1):
-                _load_kv(i, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
+                _load_kv(i, i < n_blocks, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
         # -- prologue: Q (any strides) -> INT8 with one scale per Q_GROUP rows --
         offs_m_io = start_m + gl.arange(0, ROWS, layout=io_rows)
         offs_d_io = gl.arange(0, DPAD, layout=io_cols)
