@@ -1,7 +1,7 @@
 """Compile the Gluon sm_90 kernel for sm_90a without a GPU and report what ptxas made of it.
 
     PYTHONPATH=src python3 bench/compile_sm90.py [--head-dim 128] [--block-n 128] [--stages 3]
-        [--causal] [--lse] [--no-producer-warp] [--persistent] [--sass FILE] [--loop-mix]
+        [--causal] [--lse] [--no-producer-warp] [--sass FILE] [--loop-mix]
 
 Needs a Triton that ``attention_sm90.TESTED_TRITON`` names (its wheel carries ptxas and
 cuobjdump). Prints shared memory, registers and spills; --sass writes the disassembly;
@@ -26,8 +26,7 @@ from qattn.kernels import attention_sm90
 from qattn.kernels.attention import LOG2_FP8_MAX
 
 
-def compile_kernel(head_dim: int, block_n: int, stages: int, causal: bool, lse: bool, producer_warp: bool = True,
-                   persistent: bool = False):
+def compile_kernel(head_dim: int, block_n: int, stages: int, causal: bool, lse: bool, producer_warp: bool = True):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     gl = attention_sm90.gl
@@ -37,7 +36,7 @@ def compile_kernel(head_dim: int, block_n: int, stages: int, causal: bool, lse: 
     v_layout = gl.NVMMASharedLayout.get_default_for([head_dim, block_n], gl.float8e4nv)
     constexprs = dict(HEAD_DIM=head_dim, DPAD=head_dim, BLOCK_N=block_n, Q_GROUP=16, STAGES=stages, CAUSAL=causal,
                       SMOOTH_K=True, SMOOTH_V=False, RETURN_LSE=lse, P_SHIFT=LOG2_FP8_MAX,
-                      PRODUCER_WARP=producer_warp, PERSISTENT=persistent, num_warps=4)
+                      PRODUCER_WARP=producer_warp, num_warps=4)
     types = {"Q": "*bf16", "O": "*bf16", "K_scale": "*fp32", "Stats": "*fp32", "LSE": "*fp32",
              "k_desc": f"tensordesc<i8[{block_n}, {head_dim}],{k_layout!r}>",
              "v_desc": f"tensordesc<fp8e4nv[{head_dim}, {block_n}],{v_layout!r}>",
@@ -81,8 +80,6 @@ def main() -> None:
     parser.add_argument("--lse", action="store_true")
     parser.add_argument("--no-producer-warp", action="store_true",
                         help="the consumer warpgroup issues the K/V loads (the D=64 form)")
-    parser.add_argument("--persistent", action="store_true",
-                        help="the persistent form (one CTA per resident slot, tiles back to back; not causal)")
     parser.add_argument("--sass", help="write the SASS disassembly here")
     parser.add_argument("--loop-mix", action="store_true",
                         help="print the instruction mix of the main loop (the first loop with both kinds of wgmma)")
@@ -90,7 +87,7 @@ def main() -> None:
     if not attention_sm90.AVAILABLE:
         raise SystemExit(f"triton {triton.__version__} is not one of {attention_sm90.TESTED_TRITON}")
     kernel = compile_kernel(args.head_dim, args.block_n, args.stages, args.causal, args.lse,
-                            not args.no_producer_warp, args.persistent)
+                            not args.no_producer_warp)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")

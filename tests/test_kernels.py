@@ -433,46 +433,6 @@ def test_gpu_sm90_kv_loads_with_and_without_producer_warp(head_dim, causal_mode,
     assert_lse_close(results[0][1], ref_lse)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("config_name", ["sage2-8b", "sage2-8b-smoothv-nosmoothk"])
-@pytest.mark.parametrize("sms", [3, None])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_sm90_persistent_ctas_match_one_tile_ctas(head_dim, sms, config_name, monkeypatch):
-    """Persistent CTAs (no causal mask: each runs its tiles back to back, the K/V ring and
-    the V statistics carried from one tile into the next) compute what one CTA per tile
-    does: outputs and LSE bit-identical, with the device's SMs and with 3 (so that each CTA
-    runs dozens of tiles, of heads of different kv heads and batches), and close to the
-    reference. Query and key lengths that are not block multiples; 12 K/V blocks per tile."""
-    config = CONFIGS[config_name]
-    monkeypatch.setattr(attention_sm90, "MIN_WORK", 0)
-    if kernel_name(config, head_dim, False, "cuda") != "gluon-sm90":
-        pytest.skip("the Gluon kernel does not run here (needs sm_90 and a tested Triton)")
-    if sms is not None:
-        monkeypatch.setattr(attention_sm90, "_sm_count", lambda device: sms)
-    q, k, v = make_inputs(2, 8, 2, 1900, 1531, head_dim, dtype=torch.bfloat16, device="cuda", k_bias=4.0,
-                          seed=head_dim + 16)
-    table = attention_sm90.hopper_config(head_dim, False)
-    assert table.PERSISTENT
-    results = []
-    for persistent in (True, False):
-        monkeypatch.setattr(attention_sm90, "_CONFIG_OVERRIDE", attention_sm90.HopperConfig(
-            table.BLOCK_N, table.STAGES, PRODUCER_WARP=table.PRODUCER_WARP, PERSISTENT=persistent))
-        results.append(attention_forward(q, k, v, config, sm_scale=None, return_lse=True))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-    ref, ref_lse = run_reference(q, k, v, config, None)
-    assert_close_to_reference(results[0][0], ref)
-    assert_lse_close(results[0][1], ref_lse)
-
-
-def test_hopper_config_ctas_per_sm():
-    """Registers and shared memory per CTA decide how many share an SM: the table's D = 128
-    entry (producer warp, 115 KB) two, D = 64 (168 registers without it) three."""
-    assert attention_sm90.HopperConfig(128, 3).ctas_per_sm(128) == 2
-    assert attention_sm90.HopperConfig(128, 3, PRODUCER_WARP=False).ctas_per_sm(64) == 3
-    assert attention_sm90.HopperConfig(128, 3, PRODUCER_WARP=False).ctas_per_sm(128) == 2  # shared memory
-    assert attention_sm90.HopperConfig(128, 4).ctas_per_sm(128) == 1
-
-
 def test_causal_head_group_keeps_kv_within_l2_budget(monkeypatch):
     group = attention_sm90.causal_head_group
     assert group(128, 4096, 128) == 4  # 1 MiB of quantized K/V per head, 4 MiB budget

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import triton
 
 from .launch import CachedLauncher, cdiv
@@ -77,15 +76,13 @@ class HopperConfig:
     """Tiles of the Gluon kernel: BLOCK_N keys per block (the online-softmax block, as the
     reference's block_kv) and STAGES K/V slots in flight; with PRODUCER_WARP a producer warp
     loads them, else the consumer warpgroup itself. A CTA always has BLOCK_M = 64 query rows,
-    quantized together (a Q group must fit). PERSISTENT: without a causal mask, one CTA per
-    resident slot (:meth:`ctas_per_sm`), each running its tiles back to back (the next tile's
-    K/V loads and Q under the current tile's last block and epilogue)."""
+    quantized together (a Q group must fit)."""
 
-    __slots__ = ("BLOCK_N", "STAGES", "PRODUCER_WARP", "PERSISTENT")
+    __slots__ = ("BLOCK_N", "STAGES", "PRODUCER_WARP")
     BLOCK_M = 64
 
-    def __init__(self, BLOCK_N: int, STAGES: int, PRODUCER_WARP: bool = True, PERSISTENT: bool = False):
-        self.BLOCK_N, self.STAGES, self.PRODUCER_WARP, self.PERSISTENT = BLOCK_N, STAGES, PRODUCER_WARP, PERSISTENT
+    def __init__(self, BLOCK_N: int, STAGES: int, PRODUCER_WARP: bool = True):
+        self.BLOCK_N, self.STAGES, self.PRODUCER_WARP = BLOCK_N, STAGES, PRODUCER_WARP
 
     @property
     def maxnreg(self) -> int:
@@ -95,19 +92,8 @@ class HopperConfig:
         CTAs fit."""
         return 128 if self.PRODUCER_WARP else 168
 
-    def ctas_per_sm(self, dpad: int) -> int:
-        """How many CTAs an SM holds at once: by registers (:attr:`maxnreg`; the producer
-        warp's partition is padded to a warpgroup) and by shared memory (228 KB per SM, 1 KB
-        of it reserved per CTA; a CTA takes the K/V ring, the INT8 Q tile and < 2 KB of
-        scales, barriers and scratch)."""
-        threads = 128 * (2 if self.PRODUCER_WARP else 1)
-        by_registers = 65536 // (self.maxnreg * threads)
-        shared = self.STAGES * self.BLOCK_N * dpad * 2 + self.BLOCK_M * dpad + 2048
-        return max(1, min(by_registers, (228 << 10) // (shared + 1024)))
-
     def __repr__(self) -> str:
-        return (f"HopperConfig({self.BLOCK_N}, {self.STAGES}, PRODUCER_WARP={self.PRODUCER_WARP}, "
-                f"PERSISTENT={self.PERSISTENT})")
+        return f"HopperConfig({self.BLOCK_N}, {self.STAGES}, PRODUCER_WARP={self.PRODUCER_WARP})"
 
 
 # (padded head dim, causal) -> tiles, measured on an H100 (docs/kernel_notes.md, session
@@ -118,9 +104,9 @@ class HopperConfig:
 # producer warp and 4 stages (session 15; 2 stages +0-7%); at D = 128 the consumer needs ~230
 # registers, so two CTAs either way, and the producer warp ran level (0.995x).
 _CONFIGS = {
-    (64, False): HopperConfig(128, 3, PRODUCER_WARP=False, PERSISTENT=True),
+    (64, False): HopperConfig(128, 3, PRODUCER_WARP=False),
     (64, True): HopperConfig(128, 3, PRODUCER_WARP=False),
-    (128, False): HopperConfig(128, 3, PERSISTENT=True),
+    (128, False): HopperConfig(128, 3),
     (128, True): HopperConfig(128, 3),
 }
 # Smallest B * Hq * Nq * Nk for which dispatch picks this kernel, by padded head dim
@@ -296,51 +282,47 @@ if AVAILABLE:
         return gl.sum(gl.where(half == 0, ks, 0.0), axis=0), gl.sum(gl.where(half == 1, ks, 0.0), axis=0)
 
     @gluon.jit
-    def _issue_qk(q_smem, k_smem, ks_smem, ready, j, p, s_zero, STAGES: gl.constexpr, PRODUCER_WARP: gl.constexpr,
+    def _issue_qk(q_smem, k_smem, ks_smem, ready, j, s_zero, STAGES: gl.constexpr, PRODUCER_WARP: gl.constexpr,
                   ks_ptr, BLOCK_N: gl.constexpr):
-        """Wait for block j's K/V slot (ring position p), read its two K scales (from the
-        slot, or without the producer warp from ``ks_ptr``: the loads are issued before the
-        wait, and the scales are first used by the next iteration's softmax), issue its
-        Q K^T (async)."""
-        slot = p % STAGES
+        """Wait for block j's K/V slot, read its two K scales (from the slot, or without the
+        producer warp from ``ks_ptr``: the loads are issued before the wait, and the scales
+        are first used by the next iteration's softmax), issue its Q K^T (async)."""
+        slot = j % STAGES
         if not PRODUCER_WARP:
             ks0 = gl.load(ks_ptr + j * BLOCK_N)
             ks1 = gl.load(ks_ptr + j * BLOCK_N + BLOCK_N // 2)
-        mbarrier.wait(ready.index(slot), (p // STAGES) & 1)
+        mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
         if PRODUCER_WARP:
             ks0, ks1 = _k_scales(ks_smem.index(slot))
         s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         return s_tok, ks0, ks1
 
     @gluon.jit
-    def _block(j, ring0, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
+    def _block(j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr,
                CAUSAL: gl.constexpr, ISSUE_NEXT: gl.constexpr, P_SHIFT: gl.constexpr, I2F_HALVES: gl.constexpr,
                EARLY_QK: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-               PRODUCER_WARP: gl.constexpr, ks_ptr, tma_args, next_rows, NEXT_TILE: gl.constexpr):
-        """Block j of a tile whose block 0 has ring position ``ring0``: softmax of its
-        scores ``s_int`` (K scales ``ks0``, ``ks1``), then its P~ V and, with ISSUE_NEXT,
-        block j + 1's Q K^T (whose scores and K scales are returned), then the accumulator
-        update and the release of its K/V slot. With EARLY_QK the next Q K^T is issued
-        before the softmax, once the scores are in fp32 registers, and runs under it.
-        Without the producer warp the block first issues the TMA loads STAGES - 1 blocks
-        ahead (:func:`_prefetch_kv`; NEXT_TILE, ``next_rows``: past this tile's end).
+               PRODUCER_WARP: gl.constexpr, ks_ptr, tma_args):
+        """Block j: softmax of its scores ``s_int`` (K scales ``ks0``, ``ks1``), then its
+        P~ V and, with ISSUE_NEXT, block j + 1's Q K^T (whose scores and K scales are
+        returned), then the accumulator update and the release of its K/V slot. With
+        EARLY_QK the next Q K^T is issued before the softmax, once the scores are in fp32
+        registers, and runs under it.
         P~ is consumed in the iteration that makes it: carried across iterations, its FP8
         bytes were unpacked and repacked (~200 instructions per block)."""
-        if not PRODUCER_WARP:
-            _prefetch_kv(j, ring0, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args, next_rows, NEXT_TILE)
+        if not PRODUCER_WARP:  # block j + STAGES - 1 into the slot that block j - 1 released
+            _load_kv(j + STAGES - 1, j + STAGES - 1 < tma_args[5], k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
         t0, t1, t_max0, t_max1 = _scores(s_int, I2F_HALVES, not MASKED)
         if ISSUE_NEXT and EARLY_QK:
-            s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, ring0 + j + 1, s_zero,
-                                                  STAGES, PRODUCER_WARP, ks_ptr, BLOCK_N)
+            s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES,
+                                                  PRODUCER_WARP, ks_ptr, BLOCK_N)
         p8, alpha, m_i, l_i = _softmax(t0, t1, t_max0, t_max1, j, q_scale, ks0, ks1, m_i, l_i, offs_m, n_k,
                                        causal_offset, BLOCK_N, MASKED, CAUSAL, P_SHIFT, s_layout, o_layout, p_layout)
-        slot = (ring0 + j) % STAGES
-        pv_tok = warpgroup_mma(p8, v_smem.index(slot).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+        pv_tok = warpgroup_mma(p8, v_smem.index(j % STAGES).permute((1, 0)), o_zero, use_acc=False, is_async=True)
         if ISSUE_NEXT and not EARLY_QK:
-            s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, ring0 + j + 1, s_zero,
-                                                  STAGES, PRODUCER_WARP, ks_ptr, BLOCK_N)
+            s_tok, ks0_next, ks1_next = _issue_qk(q_smem, k_smem, ks_smem, ready, j + 1, s_zero, STAGES,
+                                                  PRODUCER_WARP, ks_ptr, BLOCK_N)
         if ISSUE_NEXT:
             s_int, pv = warpgroup_mma_wait(0, deps=(s_tok, pv_tok))
             ks0, ks1 = ks0_next, ks1_next
@@ -348,16 +330,18 @@ if AVAILABLE:
             pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
         acc = acc * alpha[:, None] + pv  # one FMA per element (two-level accumulation)
         if PRODUCER_WARP:
-            mbarrier.arrive(empty.index(slot), count=1)
+            mbarrier.arrive(empty.index(j % STAGES), count=1)
         return s_int, ks0, ks1, acc, m_i, l_i
 
     @gluon.jit
-    def _load_kv(j, p, pred, k_smem, v_smem, ready, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, tma_args):
-        """TMA block j (of the tile whose rows ``tma_args`` gives) into the slot of ring
-        position p, announcing its bytes on the slot's ``ready`` barrier (nothing where
-        ``pred`` is false)."""
+    def _load_kv(j, pred, k_smem, v_smem, ready, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, tma_args):
+        """TMA block j's K and V^T into its slot, announcing their bytes on its ``ready``
+        barrier (nothing where ``pred`` is false). The producer warp calls it for every block;
+        without it the consumer calls it for block j + STAGES - 1 at the start of block j,
+        into the slot that block j - 1 released (its wgmmas were waited for), with
+        ``pred = j + STAGES - 1 < n_blocks``."""
         k_desc, v_desc, k_row, v_row, kv_row0, n_blocks = tma_args
-        slot = p % STAGES
+        slot = j % STAGES
         bar = ready.index(slot)
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
         tma.async_copy_global_to_shared(k_desc, [(k_row + j * BLOCK_N).to(gl.int32), 0], bar, k_smem.index(slot),
@@ -366,256 +350,36 @@ if AVAILABLE:
                                         bar, v_smem.index(slot), pred=pred)
 
     @gluon.jit
-    def _prefetch_kv(j, ring0, k_smem, v_smem, ready, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, tma_args,
-                     next_rows, NEXT_TILE: gl.constexpr):
-        """Without the producer warp, at the start of block j: TMA the block STAGES - 1
-        ahead into the slot that block j - 1 released (its wgmmas were waited for). Past the
-        tile's last block that is the next tile's first blocks where the CTA has one
-        (NEXT_TILE; ``next_rows``: its k_row, v_row, kv_row0), else nothing."""
-        k_desc, v_desc, k_row, v_row, kv_row0, n_blocks = tma_args
-        ahead = j + STAGES - 1
-        if NEXT_TILE:
-            here = ahead < n_blocks
-            rows = (k_desc, v_desc, gl.where(here, k_row, next_rows[0]), gl.where(here, v_row, next_rows[1]),
-                    gl.where(here, kv_row0, next_rows[2]), n_blocks)
-            _load_kv(gl.where(here, ahead, ahead - n_blocks), ring0 + ahead, True, k_smem, v_smem, ready, STAGES,
-                     BLOCK_N, rows)
-        else:
-            _load_kv(ahead, ring0 + ahead, ahead < n_blocks, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
-
-    @gluon.jit
-    def _kv_rows(bh, H_Q, KV_GROUP, N_K_PAD, ROWS, DPAD: gl.constexpr):
-        """Where (batch, q head) ``bh`` finds its K/V: its batch b and head h, its kv head's
-        flat index (GQA/MQA: q head h reads kv head h // (Hq // Hkv)), and the rows of the
-        2-D TMA descriptors: its sequence's first token in K (k_row) and V^T (kv_row0) and
-        its kv head's first channel in V^T (v_row)."""
-        b = bh // H_Q
-        h = bh % H_Q
-        bh_kv = bh // KV_GROUP
-        h_kv = h // KV_GROUP
-        kv_row0 = b * N_K_PAD
-        k_row = h_kv * ROWS + kv_row0
-        v_row = h_kv * DPAD
-        return b, h, bh_kv, k_row, v_row, kv_row0
-
-    @gluon.jit
-    def _produce(j, p, ks_ptr, k_smem, v_smem, ks_smem, ready, empty, halves, STAGES: gl.constexpr,
-                 BLOCK_N: gl.constexpr, tma_args):
-        """The producer's block j at ring position p: wait for the slot to be released (a
-        fresh mbarrier counts as having completed the phase before phase 0), TMA K/V, then
-        the two K scales into the slot; the caller adds what else the block publishes."""
-        slot = p % STAGES
-        mbarrier.wait(empty.index(slot), ((p // STAGES) & 1) ^ 1)
-        _load_kv(j, p, True, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
-        ks_smem.index(slot).store(gl.load(ks_ptr + j * BLOCK_N + halves))
-
-    @gluon.jit
     def _producer(k_desc, v_desc, K_scale, V_stats, k_smem, v_smem, ks_smem, vs_smem, ready, empty, n_blocks, k_row,
-                  v_row, kv_row0, STATS_STRIDE, Stats, N_M, N_TILES, H_Q, KV_GROUP, N_K_PAD, ROWS,
-                  DPAD: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SMOOTH_V: gl.constexpr,
-                  PERSISTENT: gl.constexpr):
+                  v_row, kv_row0, STATS_STRIDE,
+                  DPAD: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SMOOTH_V: gl.constexpr):
         """One warp: TMA every K/V block of the CTA into the ring, into a slot as soon as
         the consumer has released it. The block's two K scales go into the slot too, after
         the TMA is issued (so that their load latency overlaps it), with a second arrival
         on ``ready``: the consumer then reads no global memory per block. First, the V
         channel scale (and mean) that the epilogue needs go to ``vs_smem``, published by
-        block 0's arrival: read there, the epilogue waits for no global load.
-        PERSISTENT: the blocks of every tile of the CTA in turn (the rows arguments are
-        unused), each tile's V statistics in the half of ``vs_smem`` of its parity, stored
-        once block 0's slot is free: the consumer has then finished the tile two back
-        (a tile has at least STAGES blocks), whose epilogue read that half."""
+        block 0's arrival: read there, the epilogue waits for no global load."""
         channels_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[DPAD // 32], threads_per_warp=[32],
                                                          warps_per_cta=[1], order=[0])
         channels = gl.arange(0, DPAD, layout=channels_layout)
         # under programmatic dependent launch, wait for the K/V quantization to finish and
         # its writes to be visible (at once otherwise)
         gdc_wait()
-        if not PERSISTENT:
-            vs_smem.index(0).store(gl.load(V_stats + channels))
-            if SMOOTH_V:
-                vs_smem.index(1).store(gl.load(V_stats + STATS_STRIDE + channels))
+        vs_smem.index(0).store(gl.load(V_stats + channels))
+        if SMOOTH_V:
+            vs_smem.index(1).store(gl.load(V_stats + STATS_STRIDE + channels))
         halves_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[2], threads_per_warp=[32], warps_per_cta=[1],
                                                        order=[0])
         halves = gl.arange(0, 2, layout=halves_layout) * (BLOCK_N // 2)
-        if PERSISTENT:
-            V_ROWS: gl.constexpr = 2 if SMOOTH_V else 1  # rows of vs_smem per tile
-            pid = gl.program_id(0)
-            n_ctas = gl.num_programs(0)
-            for k in range(gl.cdiv(N_TILES - pid, n_ctas)):
-                tile_b, tile_h, tile_bh_kv, tile_k_row, tile_v_row, tile_kv_row0 = _kv_rows(
-                    (pid + k * n_ctas) // N_M, H_Q, KV_GROUP, N_K_PAD, ROWS, DPAD)
-                tile_rows = (k_desc, v_desc, tile_k_row, tile_v_row, tile_kv_row0, n_blocks)
-                v_stats = Stats + STATS_STRIDE + tile_bh_kv * DPAD
-                ring0 = k * n_blocks
-                _produce(0, ring0, K_scale + tile_k_row, k_smem, v_smem, ks_smem, ready, empty, halves, STAGES,
-                         BLOCK_N, tile_rows)
-                vs_smem.index(k % 2 * V_ROWS).store(gl.load(v_stats + channels))
-                if SMOOTH_V:
-                    vs_smem.index(k % 2 * V_ROWS + 1).store(gl.load(v_stats + STATS_STRIDE + channels))
-                gl.thread_barrier()  # whichever lane stored, before the arrival
-                mbarrier.arrive(ready.index(ring0 % STAGES), count=1)
-                for j in range(1, n_blocks):
-                    _produce(j, ring0 + j, K_scale + tile_k_row, k_smem, v_smem, ks_smem, ready, empty, halves,
-                             STAGES, BLOCK_N, tile_rows)
-                    gl.thread_barrier()
-                    mbarrier.arrive(ready.index((ring0 + j) % STAGES), count=1)
-        else:
-            tma_args = (k_desc, v_desc, k_row, v_row, kv_row0, n_blocks)
-            for j in range(n_blocks):
-                _produce(j, j, K_scale + k_row, k_smem, v_smem, ks_smem, ready, empty, halves, STAGES, BLOCK_N,
-                         tma_args)
-                gl.thread_barrier()  # whichever lane stored (K scales; at j = 0 V statistics), before the arrival
-                mbarrier.arrive(ready.index(j % STAGES), count=1)
-
-    @gluon.jit
-    def _load_q(Q, stride_qn, stride_qd, start_m, N_Q, HEAD_DIM: gl.constexpr, DPAD: gl.constexpr,
-                io_layout: gl.constexpr):
-        """The 64 query rows from ``start_m`` of the head at ``Q`` (any strides; zeros past
-        N_Q and HEAD_DIM), as stored."""
-        offs_m = start_m + gl.arange(0, 64, layout=gl.SliceLayout(1, io_layout))
-        offs_d = gl.arange(0, DPAD, layout=gl.SliceLayout(0, io_layout))
-        mask = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        return gl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask, other=0.0)
-
-    @gluon.jit
-    def _prefetch_q_l2(Q, stride_qn, stride_qd, start_m, N_Q, HEAD_DIM: gl.constexpr):
-        """Ask the L2 for the 128-byte lines of the 64 query rows from ``start_m`` of the head
-        at ``Q`` (a hint: nothing is loaded into registers)."""
-        ELEMS: gl.constexpr = 128 // (Q.dtype.element_ty.primitive_bitwidth // 8)  # per line
-        LINES: gl.constexpr = (HEAD_DIM + ELEMS - 1) // ELEMS
-        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, LINES], threads_per_warp=[32, 1],
-                                                warps_per_cta=[2, 2], order=[1, 0])
-        rows = gl.minimum(start_m + gl.arange(0, 64, layout=gl.SliceLayout(1, layout)), N_Q - 1)
-        cols = gl.arange(0, LINES, layout=gl.SliceLayout(0, layout)) * ELEMS
-        ptrs = Q + rows[:, None] * stride_qn + cols[None, :] * stride_qd
-        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
-                                  is_pure=False, pack=1)
-
-    @gluon.jit
-    def _quantize_q(q_raw, q_smem, score_scale, Q_GROUP: gl.constexpr, s_layout: gl.constexpr):
-        """Q rows (:func:`_load_q`) to INT8 in ``q_smem``, one scale per Q_GROUP rows;
-        returns the rows' scales times ``score_scale`` (the wgmma accumulator's rows)."""
-        ROWS: gl.constexpr = q_raw.shape[0]
-        io_rows: gl.constexpr = gl.SliceLayout(1, q_raw.type.layout)
-        q = q_raw.to(gl.float32)
-        q_amax = gl.max(gl.abs(q), axis=1)
-        if Q_GROUP > 1:
-            grouped = gl.reshape(q_amax, [ROWS // Q_GROUP, Q_GROUP])
-            group_max = gl.max(grouped, axis=1)
-            grouped = gl.expand_dims(group_max, 1) + gl.zeros_like(grouped)
-            q_amax = gl.convert_layout(gl.reshape(grouped, [ROWS]), io_rows)
-        has_scale = q_amax > 0
-        one = gl.full([ROWS], 1.0, gl.float32, io_rows)
-        q_inv = gl.where(has_scale, gl.div_rn(one, gl.where(has_scale, q_amax, 1.0)) * 127.0, 0.0)
-        q_i8 = gl.floor(q * q_inv[:, None] + 0.5).to(gl.int8)
-        q_scale = gl.convert_layout(gl.div_rn(q_amax, one * 127.0) * score_scale, gl.SliceLayout(1, s_layout))
-        q_smem.store(q_i8)
-        fence_async_shared()
-        gl.thread_barrier()  # all of this warpgroup's Q rows are in shared memory
-        return q_scale
-
-    @gluon.jit
-    def _lse_shift(q_raw, k_mean_ptr, sm_scale, s_layout: gl.constexpr):
-        """sm_scale * q . mean(K) per row: the shift that K smoothing removed from every
-        score, added back to the LSE (``k_mean_ptr``: the kv head's K mean)."""
-        DPAD: gl.constexpr = q_raw.shape[1]
-        k_mean = gl.load(k_mean_ptr + gl.arange(0, DPAD, layout=gl.SliceLayout(0, q_raw.type.layout)))
-        return gl.convert_layout(gl.sum(q_raw.to(gl.float32) * k_mean[None, :], axis=1) * sm_scale,
-                                 gl.SliceLayout(1, s_layout))
-
-    @gluon.jit
-    def _epilogue(acc, m_i, l_i, lse_shift, start_m, O, stride_on, stride_od, lse_ptr, N_Q, vs_smem, vs_row,
-                  v_stats_ptr, STATS_STRIDE, HEAD_DIM: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
-                  RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, VS_SMEM: gl.constexpr, s_layout: gl.constexpr):
-        """acc / l, the V scales undone (read from ``vs_smem`` rows ``vs_row``, + 1 for the
-        mean, with VS_SMEM, else from ``v_stats_ptr``), stored as the 64 rows from
-        ``start_m`` of the head at ``O``; rows with no key give 0 (with no block,
-        ``vs_smem`` was never written: its values are not used). With RETURN_LSE the
-        natural-log LSE at ``lse_ptr`` (the head's row 0)."""
-        ROWS: gl.constexpr = acc.shape[0]
-        DPAD: gl.constexpr = acc.shape[1]
-        o_layout: gl.constexpr = acc.type.layout
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
-        empty_row = l_i == 0.0
-        l_safe = gl.where(empty_row, 1.0, l_i)
-        out = acc * gl.convert_layout(1.0 / l_safe, o_rows)[:, None]  # both carry 448: it cancels
-        if VS_SMEM:
-            out = out * vs_smem.index(vs_row).load(o_cols)[None, :]  # amax / 448
-            if SMOOTH_V:
-                out = out + vs_smem.index(vs_row + 1).load(o_cols)[None, :]
-        else:
-            o_channels = gl.arange(0, DPAD, layout=o_cols)
-            out = out * gl.load(v_stats_ptr + o_channels)[None, :]
-            if SMOOTH_V:
-                out = out + gl.load(v_stats_ptr + STATS_STRIDE + o_channels)[None, :]
-        out = gl.where(gl.convert_layout(empty_row, o_rows)[:, None], 0.0, out)
-        # stored from the accumulator's layout (pairs of channels per thread): a layout
-        # conversion would take 8 KB of shared memory, which two persistent CTAs at D = 128
-        # do not have
-        offs_m = start_m + gl.arange(0, ROWS, layout=o_rows)
-        offs_d = gl.arange(0, DPAD, layout=o_cols)
-        mask = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        gl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=mask)
-        if RETURN_LSE:
-            offs_m = start_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-            lse = (m_i + (gl.log2(l_safe) - P_SHIFT)) * 0.6931471805599453
-            if SMOOTH_K:
-                lse = lse + lse_shift
-            lse = gl.where(empty_row, float("-inf"), lse)
-            gl.store(lse_ptr + offs_m, lse, mask=offs_m < N_Q)
-
-    @gluon.jit
-    def _tile_blocks(ring0, s_int, ks0, ks1, acc, m_i, l_i, q_scale, start_m, n_blocks, lo_masked, n_k,
-                     causal_offset, q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, P_SHIFT: gl.constexpr,
-                     I2F_HALVES: gl.constexpr, EARLY_QK: gl.constexpr, s_layout: gl.constexpr,
-                     o_layout: gl.constexpr, p_layout: gl.constexpr, PRODUCER_WARP: gl.constexpr, ks_ptr, tma_args,
-                     next_rows, NEXT_TILE: gl.constexpr):
-        """The ``n_blocks`` K/V blocks of a tile (``[0, lo_masked)`` need no mask), block
-        0's scores ``s_int`` in hand: iteration j is block j's softmax, its P~ V and block
-        j + 1's Q K^T (last: P~ V only); unmasked blocks, masked blocks and the last block
-        are separate code paths. NEXT_TILE: the CTA has a next tile, whose first blocks
-        (``next_rows``) the loads run on into without the producer warp."""
-        offs_m = start_m + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
-        last = n_blocks - 1
-        for j in range(0, gl.minimum(lo_masked, last)):
-            s_int, ks0, ks1, acc, m_i, l_i = _block(
-                j, ring0, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
-                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
-                PRODUCER_WARP, ks_ptr, tma_args, next_rows, NEXT_TILE)
-        for j in range(lo_masked, last):
-            s_int, ks0, ks1, acc, m_i, l_i = _block(
-                j, ring0, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
-                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
-                PRODUCER_WARP, ks_ptr, tma_args, next_rows, NEXT_TILE)
-        if last >= lo_masked:
-            s_int, ks0, ks1, acc, m_i, l_i = _block(
-                last, ring0, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
-                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
-                PRODUCER_WARP, ks_ptr, tma_args, next_rows, NEXT_TILE)
-        else:
-            s_int, ks0, ks1, acc, m_i, l_i = _block(
-                last, ring0, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, n_k, causal_offset,
-                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
-                PRODUCER_WARP, ks_ptr, tma_args, next_rows, NEXT_TILE)
-        return acc, m_i, l_i
-
-    @triton.constexpr_function
-    def _acc_layout(n):
-        """A 64 x n wgmma accumulator of the consumer warpgroup (the scores: n = BLOCK_N; the
-        output: n = DPAD)."""
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 32])
-
-    @triton.constexpr_function
-    def _io_layout(dpad):
-        """Rows of Q and O in global memory: 8 consecutive channels per thread."""
-        return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[256 // dpad, dpad // 8],
-                                warps_per_cta=[4, 1], order=[1, 0])
+        tma_args = (k_desc, v_desc, k_row, v_row, kv_row0, n_blocks)
+        for j in range(n_blocks):
+            slot = j % STAGES
+            # a fresh mbarrier counts as having completed the phase before phase 0
+            mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
+            _load_kv(j, True, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
+            ks_smem.index(slot).store(gl.load(K_scale + k_row + j * BLOCK_N + halves))
+            gl.thread_barrier()  # whichever lane stored (the K scales, at j = 0 the V statistics) before the arrival
+            mbarrier.arrive(ready.index(slot), count=1)
 
     @gluon.jit
     def _consumer(
@@ -628,16 +392,13 @@ if AVAILABLE:
         RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, PRODUCER_WARP: gl.constexpr, ks_ptr, v_stats_ptr,
         STATS_STRIDE, tma_args,
     ):
-        """The consumer warpgroup of a CTA with one tile: the 64 query rows from
-        ``start_m``, over all ``n_blocks`` K/V blocks of the CTA (``[0, lo_masked)`` need no
-        mask). Q and O point at this (batch, head). Without the producer warp it also issues
-        the K/V loads (``tma_args``: descriptors, rows, block count; :func:`_load_kv`), reads
-        the K scales from global memory (``ks_ptr``, this sequence's first token) one block
-        ahead, and the V statistics (``v_stats_ptr``) in the epilogue."""
-        s_layout: gl.constexpr = _acc_layout(BLOCK_N)
-        o_layout: gl.constexpr = _acc_layout(DPAD)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-        io_layout: gl.constexpr = _io_layout(DPAD)
+        """The consumer warpgroup: the 64 query rows from ``start_m``, over all
+        ``n_blocks`` K/V blocks of the CTA (``[0, lo_masked)`` need no mask). Q and O point
+        at this (batch, head). Without the producer warp it also issues the K/V loads
+        (``tma_args``: descriptors, rows, block count; :func:`_load_kv`), reads the K scales
+        from global memory (``ks_ptr``, this sequence's first token) one block ahead, and the
+        V statistics (``v_stats_ptr``) in the epilogue."""
+        ROWS: gl.constexpr = 64
         # Per head dim, measured (docs/kernel_notes.md, sessions 13-14, H100, kernel alone):
         # the scores to fp32 by I2FP (+7-11% at D = 64; at D = 128 1-2% slower than the bit
         # trick, and half by I2FP, half by the bit trick +1.9% in the median), the next
@@ -645,136 +406,110 @@ if AVAILABLE:
         # with the fp32 row max, -3.5% with the integer one).
         I2F_HALVES: gl.constexpr = 2 if DPAD <= 64 else 1
         EARLY_QK: gl.constexpr = DPAD > 64
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, DPAD, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        io_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[256 // DPAD, DPAD // 8],
+                                                   warps_per_cta=[4, 1], order=[1, 0])
         s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+        io_rows: gl.constexpr = gl.SliceLayout(1, io_layout)
+        io_cols: gl.constexpr = gl.SliceLayout(0, io_layout)
 
         if not PRODUCER_WARP:  # the first STAGES - 1 blocks in flight while Q is read
             gdc_wait()  # (under programmatic dependent launch: the K/V quantization's results)
             for i in gl.static_range(STAGES - 1):
-                _load_kv(i, i, i < n_blocks, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
-        q_raw = _load_q(Q, stride_qn, stride_qd, start_m, N_Q, HEAD_DIM, DPAD, io_layout)
-        q_scale = _quantize_q(q_raw, q_smem, score_scale, Q_GROUP, s_layout)
+                _load_kv(i, i < n_blocks, k_smem, v_smem, ready, STAGES, BLOCK_N, tma_args)
+        # -- prologue: Q (any strides) -> INT8 with one scale per Q_GROUP rows --
+        offs_m_io = start_m + gl.arange(0, ROWS, layout=io_rows)
+        offs_d_io = gl.arange(0, DPAD, layout=io_cols)
+        io_mask = (offs_m_io < N_Q)[:, None] & (offs_d_io < HEAD_DIM)[None, :]
+        q = gl.load(Q + offs_m_io[:, None] * stride_qn + offs_d_io[None, :] * stride_qd, mask=io_mask,
+                    other=0.0).to(gl.float32)
+        q_amax = gl.max(gl.abs(q), axis=1)
+        if Q_GROUP > 1:
+            grouped = gl.reshape(q_amax, [ROWS // Q_GROUP, Q_GROUP])
+            group_max = gl.max(grouped, axis=1)
+            grouped = gl.expand_dims(group_max, 1) + gl.zeros_like(grouped)
+            q_amax = gl.convert_layout(gl.reshape(grouped, [ROWS]), io_rows)
+        has_scale = q_amax > 0
+        one = gl.full([ROWS], 1.0, gl.float32, io_rows)
+        q_inv = gl.where(has_scale, gl.div_rn(one, gl.where(has_scale, q_amax, 1.0)) * 127.0, 0.0)
+        q_i8 = gl.floor(q * q_inv[:, None] + 0.5).to(gl.int8)
+        q_scale = gl.convert_layout(gl.div_rn(q_amax, one * 127.0) * score_scale, s_rows)
+        q_smem.store(q_i8)
+        fence_async_shared()
+        gl.thread_barrier()  # all of this warpgroup's Q rows are in shared memory
         gdc_wait()  # the K/V quantization's results, before reading K statistics or writing
-        lse_shift = 0.0
-        if RETURN_LSE and SMOOTH_K:
-            lse_shift = _lse_shift(q_raw, Stats + bh_kv * DPAD, sm_scale, s_layout)
+        if RETURN_LSE and SMOOTH_K:  # the shift that K smoothing removed from every score
+            k_mean = gl.load(Stats + bh_kv * DPAD + offs_d_io)
+            lse_shift = gl.convert_layout(gl.sum(q * k_mean[None, :], axis=1) * sm_scale, s_rows)
 
-        m_i = gl.full([64], float("-inf"), gl.float32, s_rows)
-        l_i = gl.zeros([64], gl.float32, s_rows)
-        acc = gl.zeros([64, DPAD], gl.float32, o_layout)
-        s_zero = gl.zeros([64, BLOCK_N], gl.int32, s_layout)
-        o_zero = gl.zeros([64, DPAD], gl.float32, o_layout)
-        if n_blocks > 0:  # block 0's Q K^T first
-            s_tok, ks0, ks1 = _issue_qk(q_smem, k_smem, ks_smem, ready, 0, 0, s_zero, STAGES, PRODUCER_WARP, ks_ptr,
+        # -- main loop: block 0's Q K^T first; iteration j is block j's softmax, its P~ V and
+        # block j + 1's Q K^T (last: P~ V only); unmasked blocks, masked blocks and the last
+        # block are separate code paths --
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, s_rows)
+        l_i = gl.zeros([ROWS], gl.float32, s_rows)
+        acc = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.int32, s_layout)
+        o_zero = gl.zeros([ROWS, DPAD], gl.float32, o_layout)
+        offs_m = start_m + gl.arange(0, ROWS, layout=s_rows)
+        if n_blocks > 0:
+            s_tok, ks0, ks1 = _issue_qk(q_smem, k_smem, ks_smem, ready, 0, s_zero, STAGES, PRODUCER_WARP, ks_ptr,
                                         BLOCK_N)
             s_int = warpgroup_mma_wait(0, deps=(s_tok, ))
-            acc, m_i, l_i = _tile_blocks(
-                0, s_int, ks0, ks1, acc, m_i, l_i, q_scale, start_m, n_blocks, lo_masked, N_K, causal_offset,
-                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                BLOCK_N, STAGES, CAUSAL, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout, PRODUCER_WARP,
-                ks_ptr, tma_args, tma_args, False)
-        _epilogue(acc, m_i, l_i, lse_shift, start_m, O, stride_on, stride_od, LSE + bh * N_Q, N_Q, vs_smem, 0,
-                  v_stats_ptr, STATS_STRIDE, HEAD_DIM, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT, PRODUCER_WARP,
-                  s_layout)
+            last = n_blocks - 1
+            for j in range(0, gl.minimum(lo_masked, last)):
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
+                    BLOCK_N, STAGES, False, CAUSAL, True, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
+                    PRODUCER_WARP, ks_ptr, tma_args)
+            for j in range(lo_masked, last):
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    j, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
+                    BLOCK_N, STAGES, True, CAUSAL, True, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
+                    PRODUCER_WARP, ks_ptr, tma_args)
+            if last >= lo_masked:
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
+                    BLOCK_N, STAGES, True, CAUSAL, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
+                    PRODUCER_WARP, ks_ptr, tma_args)
+            else:
+                s_int, ks0, ks1, acc, m_i, l_i = _block(
+                    last, s_int, ks0, ks1, acc, m_i, l_i, q_scale, offs_m, N_K, causal_offset,
+                    q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
+                    BLOCK_N, STAGES, False, CAUSAL, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout,
+                    PRODUCER_WARP, ks_ptr, tma_args)
 
-    @gluon.jit
-    def _consumer_persistent(
-        Q, stride_qb, stride_qh, stride_qn, stride_qd, O, stride_ob, stride_oh, stride_on, stride_od, LSE, Stats,
-        K_scale, k_desc, v_desc, q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
-        score_scale, sm_scale, n_blocks, lo_masked, N_M, N_TILES, H_Q, KV_GROUP, N_K_PAD, ROWS, N_Q, N_K,
-        HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
-        STAGES: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr, RETURN_LSE: gl.constexpr,
-        P_SHIFT: gl.constexpr, PRODUCER_WARP: gl.constexpr, STATS_STRIDE,
-    ):
-        """The consumer warpgroup of a persistent CTA (no causal mask; every tile has the
-        same ``n_blocks`` >= STAGES blocks): tiles pid, pid + CTAs, ... (64 query rows of a
-        (batch, head) each, the heads' row tiles in order) back to back. A tile's last
-        block loads the next tile's Q rows under its softmax (the K/V loads have run on
-        into the next tile's blocks); once its P~ V is done, those rows are quantized and
-        the next tile's first Q K^T is issued, and the tile's epilogue runs under it. The
-        ring positions go on across tiles (tile k's block 0 is ``k * n_blocks``)."""
-        s_layout: gl.constexpr = _acc_layout(BLOCK_N)
-        o_layout: gl.constexpr = _acc_layout(DPAD)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-        io_layout: gl.constexpr = _io_layout(DPAD)
-        I2F_HALVES: gl.constexpr = 2 if DPAD <= 64 else 1  # as in _consumer
-        EARLY_QK: gl.constexpr = DPAD > 64
-        V_ROWS: gl.constexpr = 2 if SMOOTH_V else 1  # rows of vs_smem per tile (_producer)
-        s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-        s_zero = gl.zeros([64, BLOCK_N], gl.int32, s_layout)
-        o_zero = gl.zeros([64, DPAD], gl.float32, o_layout)
-        pid = gl.program_id(0)
-        n_ctas = gl.num_programs(0)
-
-        # (int32 rows and heads: TMA coordinates are int32; pointer offsets are int64)
-        start_m = pid % N_M * 64
-        bh = pid // N_M
-        b, h, bh_kv, k_row, v_row, kv_row0 = _kv_rows(bh, H_Q, KV_GROUP, N_K_PAD, ROWS, DPAD)
-        q_first = _load_q(Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh, stride_qn, stride_qd,
-                          start_m, N_Q, HEAD_DIM, DPAD, io_layout)
-        q_scale = _quantize_q(q_first, q_smem, score_scale, Q_GROUP, s_layout)
-        gdc_wait()  # (under programmatic dependent launch: the K/V quantization's results)
-        if not PRODUCER_WARP:
-            for i in gl.static_range(STAGES - 1):
-                _load_kv(i, i, True, k_smem, v_smem, ready, STAGES, BLOCK_N,
-                         (k_desc, v_desc, k_row, v_row, kv_row0, n_blocks))
-        lse_shift = 0.0
-        if RETURN_LSE and SMOOTH_K:
-            lse_shift = _lse_shift(q_first, Stats + bh_kv * DPAD, sm_scale, s_layout)
-        s_first, ks0, ks1 = _issue_qk(q_smem, k_smem, ks_smem, ready, 0, 0, s_zero, STAGES, PRODUCER_WARP,
-                                      K_scale + k_row, BLOCK_N)
-        s_int = warpgroup_mma_wait(0, deps=(s_first, ))
-
-        n_tiles = gl.cdiv(N_TILES - pid, n_ctas)
-        for k in range(n_tiles - 1):
-            ring0 = k * n_blocks
-            t_next = pid + (k + 1) * n_ctas
-            start_m_next = t_next % N_M * 64
-            bh_next = t_next // N_M
-            b_next, h_next, bh_kv_next, k_row_next, v_row_next, kv_row0_next = _kv_rows(
-                bh_next, H_Q, KV_GROUP, N_K_PAD, ROWS, DPAD)
-            q_next_base = Q + b_next.to(gl.int64) * stride_qb + h_next.to(gl.int64) * stride_qh
-            _prefetch_q_l2(q_next_base, stride_qn, stride_qd, start_m_next, N_Q, HEAD_DIM)
-            m_i = gl.full([64], float("-inf"), gl.float32, s_rows)
-            l_i = gl.zeros([64], gl.float32, s_rows)
-            acc = gl.zeros([64, DPAD], gl.float32, o_layout)
-            acc, m_i, l_i = _tile_blocks(
-                ring0, s_int, ks0, ks1, acc, m_i, l_i, q_scale, start_m, n_blocks, lo_masked, N_K, 0,
-                q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-                BLOCK_N, STAGES, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout, PRODUCER_WARP,
-                K_scale + k_row, (k_desc, v_desc, k_row, v_row, kv_row0, n_blocks),
-                (k_row_next, v_row_next, kv_row0_next), True)
-            q_next = _load_q(q_next_base, stride_qn, stride_qd, start_m_next, N_Q, HEAD_DIM, DPAD, io_layout)
-            # the next tile's Q (its block 0's wgmmas are long done), its first Q K^T under
-            # this tile's epilogue
-            q_scale = _quantize_q(q_next, q_smem, score_scale, Q_GROUP, s_layout)
-            lse_shift_next = 0.0
-            if RETURN_LSE and SMOOTH_K:
-                lse_shift_next = _lse_shift(q_next, Stats + bh_kv_next * DPAD, sm_scale, s_layout)
-            s_next, ks0, ks1 = _issue_qk(q_smem, k_smem, ks_smem, ready, 0, ring0 + n_blocks, s_zero, STAGES,
-                                        PRODUCER_WARP, K_scale + k_row_next, BLOCK_N)
-            _epilogue(acc, m_i, l_i, lse_shift, start_m, O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh,
-                      stride_on, stride_od, LSE + bh.to(gl.int64) * N_Q, N_Q, vs_smem, k % 2 * V_ROWS,
-                      Stats + STATS_STRIDE + bh_kv * DPAD, STATS_STRIDE, HEAD_DIM, SMOOTH_K, SMOOTH_V, RETURN_LSE,
-                      P_SHIFT, PRODUCER_WARP, s_layout)
-            s_int = warpgroup_mma_wait(0, deps=(s_next, ))
-            start_m, bh, b, h, bh_kv = start_m_next, bh_next, b_next, h_next, bh_kv_next
-            k_row, v_row, kv_row0 = k_row_next, v_row_next, kv_row0_next
-            if RETURN_LSE and SMOOTH_K:
-                lse_shift = lse_shift_next
-
-        k = n_tiles - 1
-        m_i = gl.full([64], float("-inf"), gl.float32, s_rows)
-        l_i = gl.zeros([64], gl.float32, s_rows)
-        acc = gl.zeros([64, DPAD], gl.float32, o_layout)
-        acc, m_i, l_i = _tile_blocks(
-            k * n_blocks, s_int, ks0, ks1, acc, m_i, l_i, q_scale, start_m, n_blocks, lo_masked, N_K, 0,
-            q_smem, k_smem, v_smem, ks_smem, ready, empty, s_zero, o_zero,
-            BLOCK_N, STAGES, False, P_SHIFT, I2F_HALVES, EARLY_QK, s_layout, o_layout, p_layout, PRODUCER_WARP,
-            K_scale + k_row, (k_desc, v_desc, k_row, v_row, kv_row0, n_blocks), (k_row, v_row, kv_row0), False)
-        _epilogue(acc, m_i, l_i, lse_shift, start_m, O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh,
-                  stride_on, stride_od, LSE + bh.to(gl.int64) * N_Q, N_Q, vs_smem, k % 2 * V_ROWS,
-                  Stats + STATS_STRIDE + bh_kv * DPAD, STATS_STRIDE, HEAD_DIM, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT,
-                  PRODUCER_WARP, s_layout)
+        # -- epilogue: acc / l, undo the V scales; rows with no key give 0 (and with no
+        # block, vs_smem was never written: its values are not used) --
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        out = acc * gl.convert_layout(1.0 / l_safe, o_rows)[:, None]  # both carry 448: it cancels
+        if PRODUCER_WARP:
+            out = out * vs_smem.index(0).load(o_cols)[None, :]  # amax / 448
+            if SMOOTH_V:
+                out = out + vs_smem.index(1).load(o_cols)[None, :]
+        else:
+            o_channels = gl.arange(0, DPAD, layout=o_cols)
+            out = out * gl.load(v_stats_ptr + o_channels)[None, :]
+            if SMOOTH_V:
+                out = out + gl.load(v_stats_ptr + STATS_STRIDE + o_channels)[None, :]
+        out = gl.where(gl.convert_layout(empty_row, o_rows)[:, None], 0.0, out)
+        out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
+        gl.store(O + offs_m_io[:, None] * stride_on + offs_d_io[None, :] * stride_od, out, mask=io_mask)
+        if RETURN_LSE:
+            lse = (m_i + (gl.log2(l_safe) - P_SHIFT)) * 0.6931471805599453
+            if SMOOTH_K:
+                lse = lse + lse_shift
+            lse = gl.where(empty_row, float("-inf"), lse)
+            gl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
     @gluon.jit
     def _sage_fwd_sm90(
@@ -783,18 +518,13 @@ if AVAILABLE:
         O, stride_ob, stride_oh, stride_on, stride_od,
         LSE,
         score_scale, sm_scale,
-        H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, STATS_STRIDE, causal_offset, HEAD_GROUP, N_M, N_TILES,
+        H_Q, KV_GROUP, N_Q, N_K, N_K_PAD, ROWS, STATS_STRIDE, causal_offset, HEAD_GROUP,
         HEAD_DIM: gl.constexpr, DPAD: gl.constexpr, BLOCK_N: gl.constexpr, Q_GROUP: gl.constexpr,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, SMOOTH_K: gl.constexpr, SMOOTH_V: gl.constexpr,
-        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, PRODUCER_WARP: gl.constexpr, PERSISTENT: gl.constexpr,
-        num_warps: gl.constexpr,
+        RETURN_LSE: gl.constexpr, P_SHIFT: gl.constexpr, PRODUCER_WARP: gl.constexpr, num_warps: gl.constexpr,
     ):
         gl.static_assert(num_warps == 4, "the default partition is the consumer warpgroup")
-        gl.static_assert(not (PERSISTENT and CAUSAL), "persistent CTAs take equal tiles (no causal mask)")
         BLOCK_M: gl.constexpr = 64
-        # PERSISTENT: a 1-D grid, each CTA's tiles found by _consumer_persistent and
-        # _producer (N_M row tiles per head, N_TILES in all); the one-tile values below
-        # are then unused.
         if CAUSAL:
             # CTAs start in launch order (program_id(0) fastest). Heads go in groups of
             # HEAD_GROUP, and within a group the longest rows (most K/V blocks) of every
@@ -810,10 +540,16 @@ if AVAILABLE:
         else:
             pid_m = gl.program_id(0)
             bh = gl.program_id(1).to(gl.int64)
-        b, h, bh_kv, k_row, v_row, kv_row0 = _kv_rows(bh, H_Q, KV_GROUP, N_K_PAD, ROWS, DPAD)
+        b = bh // H_Q
+        h = bh % H_Q
+        bh_kv = bh // KV_GROUP  # GQA/MQA: q head h reads kv head h // (Hq // Hkv)
+        h_kv = h // KV_GROUP
         start_m = pid_m * BLOCK_M
 
         # K/V blocks [0, lo_masked) need no mask for any row of the CTA
+        kv_row0 = b * N_K_PAD
+        k_row = h_kv * ROWS + kv_row0  # this sequence's first token in the 2-D descriptors
+        v_row = h_kv * DPAD
         n_full = N_K // BLOCK_N
         if CAUSAL:  # key j is kept for row i iff j <= i + causal_offset
             hi = gl.minimum(N_K, gl.maximum(start_m + BLOCK_M + causal_offset, 0))
@@ -829,9 +565,7 @@ if AVAILABLE:
         ks_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 2],  # the layout of one slot
                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
         # the V channel scale (and with SMOOTH_V the V mean) of this kv head, a row each
-        # (PERSISTENT: for two tiles, by parity)
-        V_ROWS: gl.constexpr = (2 if SMOOTH_V else 1) * (2 if PERSISTENT else 1)
-        vs_smem = gl.allocate_shared_memory(gl.float32, [V_ROWS, DPAD],  # the layout of one row
+        vs_smem = gl.allocate_shared_memory(gl.float32, [2 if SMOOTH_V else 1, DPAD],  # the layout of one row
                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
         # (without the producer warp, ks_smem, vs_smem and the "empty" barriers go unused: a
         # few hundred bytes, and one code path for the consumer's arguments)
@@ -842,53 +576,31 @@ if AVAILABLE:
             mbarrier.init(ready.index(i), count=2 if PRODUCER_WARP else 1)
             mbarrier.init(empty.index(i), count=1)
 
+        q_base = Q + b * stride_qb + h * stride_qh
+        o_base = O + b * stride_ob + h * stride_oh
+        tma_args = (k_desc, v_desc, k_row, v_row, kv_row0, n_blocks)
         if not PRODUCER_WARP:
             gl.static_assert(STAGES >= 2, "a slot is refilled while the next block's is read")
             fence_async_shared()  # the barriers' initialisation, before the TMA engine uses them
             gl.thread_barrier()  # and before any warp waits on them
-        if PERSISTENT:
-            if PRODUCER_WARP:
-                gl.warp_specialize([
-                    (_consumer_persistent, (Q, stride_qb, stride_qh, stride_qn, stride_qd, O, stride_ob, stride_oh,
-                                            stride_on, stride_od, LSE, Stats, K_scale, k_desc, v_desc,
-                                            q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
-                                            score_scale, sm_scale, n_blocks, lo_masked, N_M, N_TILES, H_Q, KV_GROUP,
-                                            N_K_PAD, ROWS, N_Q, N_K, HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES,
-                                            SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT, True, STATS_STRIDE)),
-                    (_producer, (k_desc, v_desc, K_scale, Stats, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
-                                 n_blocks, k_row, v_row, kv_row0, STATS_STRIDE, Stats, N_M, N_TILES, H_Q, KV_GROUP,
-                                 N_K_PAD, ROWS, DPAD, BLOCK_N, STAGES, SMOOTH_V, True)),
-                ], [1], [24])
-            else:
-                _consumer_persistent(Q, stride_qb, stride_qh, stride_qn, stride_qd, O, stride_ob, stride_oh,
-                                     stride_on, stride_od, LSE, Stats, K_scale, k_desc, v_desc,
-                                     q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
-                                     score_scale, sm_scale, n_blocks, lo_masked, N_M, N_TILES, H_Q, KV_GROUP,
-                                     N_K_PAD, ROWS, N_Q, N_K, HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, SMOOTH_K,
-                                     SMOOTH_V, RETURN_LSE, P_SHIFT, False, STATS_STRIDE)
+            _consumer(q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
+                      q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
+                      score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
+                      N_Q, N_K, causal_offset,
+                      HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT,
+                      False, K_scale + k_row, Stats + STATS_STRIDE + bh_kv * DPAD, STATS_STRIDE, tma_args)
         else:
-            q_base = Q + b * stride_qb + h * stride_qh
-            o_base = O + b * stride_ob + h * stride_oh
-            tma_args = (k_desc, v_desc, k_row, v_row, kv_row0, n_blocks)
-            if PRODUCER_WARP:
-                gl.warp_specialize([
-                    (_consumer, (q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
-                                 q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
-                                 score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
-                                 N_Q, N_K, causal_offset,
-                                 HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE,
-                                 P_SHIFT, True, K_scale, Stats, STATS_STRIDE, tma_args)),
-                    (_producer, (k_desc, v_desc, K_scale, Stats + STATS_STRIDE + bh_kv * DPAD, k_smem, v_smem,
-                                 ks_smem, vs_smem, ready, empty, n_blocks, k_row, v_row, kv_row0, STATS_STRIDE, Stats,
-                                 N_M, N_TILES, H_Q, KV_GROUP, N_K_PAD, ROWS, DPAD, BLOCK_N, STAGES, SMOOTH_V, False)),
-                ], [1], [24])
-            else:
-                _consumer(q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
-                          q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
-                          score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
-                          N_Q, N_K, causal_offset,
-                          HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE, P_SHIFT,
-                          False, K_scale + k_row, Stats + STATS_STRIDE + bh_kv * DPAD, STATS_STRIDE, tma_args)
+            gl.warp_specialize([
+                (_consumer, (q_base, stride_qn, stride_qd, o_base, stride_on, stride_od, LSE, Stats,
+                             q_smem, k_smem, v_smem, ks_smem, vs_smem, ready, empty,
+                             score_scale, sm_scale, bh, bh_kv, start_m, n_blocks, lo_masked,
+                             N_Q, N_K, causal_offset,
+                             HEAD_DIM, DPAD, BLOCK_N, Q_GROUP, STAGES, CAUSAL, SMOOTH_K, SMOOTH_V, RETURN_LSE,
+                             P_SHIFT, True, K_scale, Stats, STATS_STRIDE, tma_args)),
+                (_producer, (k_desc, v_desc, K_scale, Stats + STATS_STRIDE + bh_kv * DPAD, k_smem, v_smem, ks_smem,
+                             vs_smem, ready, empty, n_blocks, k_row, v_row, kv_row0, STATS_STRIDE,
+                             DPAD, BLOCK_N, STAGES, SMOOTH_V)),
+            ], [1], [24])
 
     _launch_sage_fwd_sm90 = CachedLauncher(_sage_fwd_sm90)
 
@@ -897,11 +609,6 @@ if AVAILABLE:
 def _kv_layouts(block_n: int, dpad: int):
     return (gl.NVMMASharedLayout.get_default_for([block_n, dpad], gl.int8),
             gl.NVMMASharedLayout.get_default_for([dpad, block_n], gl.float8e4nv))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def kv_descriptors(kv, block_n: int):
@@ -924,23 +631,15 @@ def launch(q, q_strides, kv, out, out_strides, lse, config, tiles: HopperConfig,
     rows = kv.k_q.shape[1]
     k_desc, v_desc = kv_descriptors(kv, tiles.BLOCK_N)
     causal = causal_offset is not None
-    n_m = cdiv(nq, tiles.BLOCK_M)
-    # persistent CTAs need tiles of equal length, of at least STAGES blocks (a tile's
-    # V statistics and K/V loads run at most one tile ahead of the consumer)
-    persistent = tiles.PERSISTENT and not causal and cdiv(nk, tiles.BLOCK_N) >= tiles.STAGES
-    if persistent:
-        grid = (min(n_m * batch * hq, tiles.ctas_per_sm(dpad) * _sm_count(q.device)), )
-    else:
-        grid = (n_m, batch * hq)
+    grid = (cdiv(nq, tiles.BLOCK_M), batch * hq)
     _launch_sage_fwd_sm90[grid](
         q, *q_strides, k_desc, v_desc, kv.k_scale, kv.stats,
         out, *out_strides,
         lse if lse is not None else out,
         score_scale, sm_scale,
         hq, hq // hkv, nq, nk, rows // batch, rows, batch * hkv * dpad, int(causal_offset) if causal else 0,
-        causal_head_group(batch * hq, rows // batch, dpad) if causal else 1, n_m, n_m * batch * hq,
+        causal_head_group(batch * hq, rows // batch, dpad) if causal else 1,
         HEAD_DIM=head_dim, DPAD=dpad, BLOCK_N=tiles.BLOCK_N, Q_GROUP=config.q_group, STAGES=tiles.STAGES,
         CAUSAL=causal, SMOOTH_K=config.smooth_k, SMOOTH_V=config.smooth_v, RETURN_LSE=lse is not None,
-        P_SHIFT=p_shift, PRODUCER_WARP=tiles.PRODUCER_WARP, PERSISTENT=persistent, num_warps=4,
-        maxnreg=tiles.maxnreg, launch_pdl=PDL,
+        P_SHIFT=p_shift, PRODUCER_WARP=tiles.PRODUCER_WARP, num_warps=4, maxnreg=tiles.maxnreg, launch_pdl=PDL,
     )
