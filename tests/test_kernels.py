@@ -282,12 +282,14 @@ def test_quantize_kv_matches_reference(config_name, device):
     _check_quantize_kv(CONFIGS[config_name], 2, 2, 150, 80, device)
 
 
-@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b"])
-def test_quantize_kv_many_chunks(config_name, device, monkeypatch):
+@pytest.mark.parametrize("config_name", ["sage1", "sage2-8b", "sage1-warp-fp32acc-smoothv"])
+@pytest.mark.parametrize("tile, n", [(128, 1000), (64, 2100)])
+def test_quantize_kv_many_chunks(config_name, tile, n, device, monkeypatch):
     """Statistics combined over many chunks per (sequence, head): 8 chunks of one
-    128-token tile each here."""
-    monkeypatch.setattr(quantize_module, "_QUANT_OVERRIDE", (128, 4))
-    _check_quantize_kv(CONFIGS[config_name], 2, 3, 1000, 64, device, seed=9)
+    128-token tile, or 34 of 64 tokens (three slices of the partials: 16, 16 and 2)."""
+    monkeypatch.setattr(quantize_module, "_STATS_OVERRIDE", (tile, 2))
+    monkeypatch.setattr(quantize_module, "_QUANT_OVERRIDE", (tile, 4))
+    _check_quantize_kv(CONFIGS[config_name], 2, 3, n, 64, device, seed=9)
 
 
 @pytest.mark.parametrize("stats_tile, quant_tile", [((32, 1), (128, 4)), ((256, 2), (64, 2))])

@@ -222,19 +222,96 @@ def _partial_stats_kernel(
 
 @triton.jit
 def _reduce_partials(Partials, stat, bh, N_CHUNKS, n_bh, DPAD: tl.constexpr, OP: tl.constexpr):
-    """Combine one statistic's per-chunk partials, in chunk order (deterministic)."""
+    """Combine one statistic's per-chunk partials (OP 0 sum, 1 max, 2 min) in a fixed
+    order (deterministic): slices of 16 chunks, each loaded at once (one memory round
+    trip per slice, not per chunk) and reduced by a tree, the slices one after another."""
+    offs_c = tl.arange(0, 16)
     offs_d = tl.arange(0, DPAD)
-    ptr = Partials + (stat * n_bh + bh) * N_CHUNKS * DPAD + offs_d
-    acc = tl.load(ptr)
-    for c in range(1, N_CHUNKS):
-        x = tl.load(ptr + c * DPAD)
+    ptr = Partials + (stat * n_bh + bh) * N_CHUNKS * DPAD + offs_d[None, :]
+    identity = 0.0 if OP == 0 else (float("-inf") if OP == 1 else float("inf"))
+    acc = tl.full([DPAD], identity, dtype=tl.float32)
+    for c0 in range(0, N_CHUNKS, 16):
+        c = c0 + offs_c
+        x = tl.load(ptr + c[:, None] * DPAD, mask=(c < N_CHUNKS)[:, None], other=identity)
         if OP == 0:
-            acc += x
+            acc += tl.sum(x, axis=0)
         elif OP == 1:
-            acc = tl.maximum(acc, x)
+            acc = tl.maximum(acc, tl.max(x, axis=0))
         else:
-            acc = tl.minimum(acc, x)
+            acc = tl.minimum(acc, tl.min(x, axis=0))
     return acc
+
+
+@triton.jit
+def _finish_k_mean(Partials, Stats, bh, N_CHUNKS, n_bh, n_mean, store, DPAD: tl.constexpr):
+    """The K mean of (sequence, head) ``bh`` from its chunks' sums; ``store``: also write
+    it to ``Stats[0]``."""
+    mean = _reduce_partials(Partials, 0, bh, N_CHUNKS, n_bh, DPAD, 0) / n_mean
+    if store:
+        tl.store(Stats + bh * DPAD + tl.arange(0, DPAD), mean)
+    return mean
+
+
+@triton.jit
+def _finish_v_stats(Partials, Stats, bh, N_CHUNKS, n_bh, n_mean, STATS_STRIDE, store,
+                    HEAD_DIM: tl.constexpr, DPAD: tl.constexpr, SMOOTH_V: tl.constexpr, V_FP8: tl.constexpr):
+    """(V mean, ``amax_over_tokens |V - mean|``) of (sequence, head) ``bh`` from its chunks'
+    partials (zeros for what the config does not use); ``store``: also write the mean and
+    the FP8 scale ``amax / 448`` to ``Stats[2]`` and ``Stats[1]``."""
+    offs_d = tl.arange(0, DPAD)
+    mean = tl.zeros([DPAD], dtype=tl.float32)
+    amax = tl.zeros([DPAD], dtype=tl.float32)
+    if SMOOTH_V:
+        mean = _reduce_partials(Partials, 1, bh, N_CHUNKS, n_bh, DPAD, 0) / n_mean
+        if store:
+            tl.store(Stats + 2 * STATS_STRIDE + bh * DPAD + offs_d, mean)
+    if V_FP8:
+        vmax = _reduce_partials(Partials, 2, bh, N_CHUNKS, n_bh, DPAD, 1)
+        vmin = _reduce_partials(Partials, 3, bh, N_CHUNKS, n_bh, DPAD, 2)
+        # max_t |fl(v_t - mean)| == max(fl(vmax - mean), fl(mean - vmin)): rounding is
+        # monotone. (-inf for an empty sequence, hence the clamp.)
+        amax = tl.where(offs_d < HEAD_DIM, tl.maximum(tl.maximum(vmax - mean, mean - vmin), 0.0), 0.0)
+        if store:
+            tl.store(Stats + STATS_STRIDE + bh * DPAD + offs_d, tl.math.div_rn(amax, 448.0))
+    return mean, amax
+
+
+@triton.jit
+def _store_k_tile(x, t, t_stop, k_out, k_scale_out, DPAD: tl.constexpr, ROWS_T: tl.constexpr,
+                  K_GROUP: tl.constexpr):
+    """Quantize a tile of K - mean (fp32 [ROWS_T, DPAD], zeros outside the sequence) into
+    rows ``t`` (those below ``t_stop``) of ``k_out`` and ``k_scale_out``."""
+    offs_d = tl.arange(0, DPAD)
+    amax = _group_amax(tl.max(tl.abs(x), axis=1), K_GROUP, ROWS_T)
+    inv = _quant_multiplier(amax, 127.0)
+    xq = _round_half_up(x * inv[:, None])
+    in_buf = t < t_stop
+    tl.store(k_out + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8), mask=in_buf[:, None])
+    tl.store(k_scale_out + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
+
+
+@triton.jit
+def _store_v_tile(x, t, t_stop, inv, v_out, ROWS, HEAD_DIM: tl.constexpr, DPAD: tl.constexpr,
+                  ROWS_T: tl.constexpr, V_FP8: tl.constexpr, EXACT_FP8: tl.constexpr,
+                  WGMMA_V_ORDER: tl.constexpr):
+    """Store a tile of V - mean (fp32 [ROWS_T, DPAD], zeros outside the sequence) as rows
+    ``t`` (those below ``t_stop``): FP8 ``x * inv`` transposed, or fp16."""
+    offs_d = tl.arange(0, DPAD)
+    in_buf = t < t_stop
+    if V_FP8:
+        y = x * inv[None, :]
+        if EXACT_FP8:
+            y = _round_to_e4m3_grid(y)
+        # Transposed [DPAD, ROWS]: tokens contiguous (K-major for FP8 wgmma). Padded
+        # channels are not stored: the host zeroes them (on an H100 this store left
+        # nonzero bytes there; docs/kernel_notes.md, "Known defect").
+        y = y.to(tl.float8e4nv)  # before the reordering and transposition: a quarter of the bytes to move
+        if WGMMA_V_ORDER:  # reorder the tile's tokens, then store it as usual
+            y = tl.reshape(tl.permute(tl.reshape(y, [ROWS_T // 32, 2, 2, 4, 2, DPAD]), (0, 1, 3, 2, 4, 5)),
+                           [ROWS_T, DPAD])
+        tl.store(v_out + offs_d[None, :] * ROWS + t[:, None], y, mask=in_buf[:, None] & (offs_d < HEAD_DIM)[None, :])
+    else:
+        tl.store(v_out + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16), mask=in_buf[:, None])
 
 
 @triton.jit
@@ -274,9 +351,7 @@ def _quantize_kv_kernel(
         k_in = K + b * stride_kb + start * stride_kn + h * stride_kh
         mean = tl.zeros([DPAD], dtype=tl.float32)
         if SMOOTH_K:
-            mean = _reduce_partials(Partials, 0, bh, N_CHUNKS, n_bh, DPAD, 0) / n_mean
-            if chunk == 0:
-                tl.store(Stats + bh * DPAD + offs_d, mean)
+            mean = _finish_k_mean(Partials, Stats, bh, N_CHUNKS, n_bh, n_mean, chunk == 0, DPAD)
         k_out = K_q + (h * ROWS + row0) * DPAD
         k_scale_out = K_scale + h * ROWS + row0
         for t0 in range(t_start, t_stop, BLOCK_T):
@@ -285,29 +360,13 @@ def _quantize_kv_kernel(
             x = tl.load(k_in + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                         mask=mask, other=0.0)
             x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
-            amax = _group_amax(tl.max(tl.abs(x), axis=1), K_GROUP, BLOCK_T)
-            inv = _quant_multiplier(amax, 127.0)
-            xq = _round_half_up(x * inv[:, None])
-            in_buf = t < t_stop  # BLOCK_T may overrun the padded length (a multiple of 128)
-            tl.store(k_out + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8),
-                     mask=in_buf[:, None])
-            tl.store(k_scale_out + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
+            _store_k_tile(x, t, t_stop, k_out, k_scale_out, DPAD, BLOCK_T, K_GROUP)
     else:
         v_in = V + b * stride_vb + start * stride_vn + h * stride_vh
-        mean = tl.zeros([DPAD], dtype=tl.float32)
-        if SMOOTH_V:
-            mean = _reduce_partials(Partials, 1, bh, N_CHUNKS, n_bh, DPAD, 0) / n_mean
-            if chunk == 0:
-                tl.store(Stats + 2 * STATS_STRIDE + bh * DPAD + offs_d, mean)
+        mean, amax = _finish_v_stats(Partials, Stats, bh, N_CHUNKS, n_bh, n_mean, STATS_STRIDE, chunk == 0,
+                                     HEAD_DIM, DPAD, SMOOTH_V, V_FP8)
+        inv = _quant_multiplier(amax, 448.0)
         if V_FP8:
-            vmax = _reduce_partials(Partials, 2, bh, N_CHUNKS, n_bh, DPAD, 1)
-            vmin = _reduce_partials(Partials, 3, bh, N_CHUNKS, n_bh, DPAD, 2)
-            # max_t |fl(v_t - mean)| == max(fl(vmax - mean), fl(mean - vmin)): rounding
-            # is monotone. (-inf for an empty sequence, hence the clamp.)
-            amax = tl.where(d_ok, tl.maximum(tl.maximum(vmax - mean, mean - vmin), 0.0), 0.0)
-            inv = _quant_multiplier(amax, 448.0)
-            if chunk == 0:
-                tl.store(Stats + STATS_STRIDE + bh * DPAD + offs_d, tl.math.div_rn(amax, 448.0))
             v_out = V_q + h * DPAD * ROWS + row0
         else:
             v_out = V_q + (h * ROWS + row0) * DPAD
@@ -317,22 +376,7 @@ def _quantize_kv_kernel(
             x = tl.load(v_in + t[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=mask, other=0.0)
             x = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
-            in_buf = t < t_stop
-            if V_FP8:
-                y = x * inv[None, :]
-                if EXACT_FP8:
-                    y = _round_to_e4m3_grid(y)
-                # Transposed [DPAD, ROWS]: tokens contiguous (K-major for FP8 wgmma). Padded
-                # channels are not stored: the host zeroes them (on an H100 this store left
-                # nonzero bytes there; docs/kernel_notes.md, "Known defect").
-                if WGMMA_V_ORDER:  # reorder the tile's tokens, then store it as usual
-                    y = tl.reshape(tl.permute(tl.reshape(y, [BLOCK_T // 32, 2, 2, 4, 2, DPAD]), (0, 1, 3, 2, 4, 5)),
-                                   [BLOCK_T, DPAD])
-                tl.store(v_out + offs_d[None, :] * ROWS + t[:, None], y.to(tl.float8e4nv),
-                         mask=in_buf[:, None] & d_ok[None, :])
-            else:
-                tl.store(v_out + t[:, None] * DPAD + offs_d[None, :], x.to(tl.float16),
-                         mask=in_buf[:, None])
+            _store_v_tile(x, t, t_stop, inv, v_out, ROWS, HEAD_DIM, DPAD, BLOCK_T, V_FP8, EXACT_FP8, WGMMA_V_ORDER)
 
 
 # ----------------------------------------------------------------------------- host
