@@ -285,7 +285,7 @@ def _store_k_tile(x, t, t_stop, k_out, k_scale_out, DPAD: tl.constexpr, ROWS_T: 
     amax = _group_amax(tl.max(tl.abs(x), axis=1), K_GROUP, ROWS_T)
     inv = _quant_multiplier(amax, 127.0)
     xq = _round_half_up(x * inv[:, None])
-    in_buf = t < t_stop
+    in_buf = t < t_stop  # a tile may overrun the padded length (a multiple of 128)
     tl.store(k_out + t[:, None] * DPAD + offs_d[None, :], xq.to(tl.int8), mask=in_buf[:, None])
     tl.store(k_scale_out + t, tl.math.div_rn(amax, 127.0), mask=in_buf)
 
